@@ -1,0 +1,257 @@
+"""Run configuration: one dataclass per concern, YAML recipes as short diffs, dotted CLI overrides.
+
+A recipe names only what differs from the defaults below. Unknown keys and wrong types are
+errors (a typo must never silently train the default). The resolved config is written beside
+the outputs so a run can be reproduced from its directory alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fm.paths import data_dir
+
+
+@dataclass
+class ModelConfig:
+    """Backbone size and objective switches (see ScFMConfig for what each means)."""
+
+    d_model: int = 512
+    """Hidden width."""
+    n_layers: int = 12
+    """Transformer blocks."""
+    n_heads: int = 8
+    """Attention heads; d_model must divide evenly."""
+    d_ff: int = 2048
+    """Feed-forward width (4 × d_model, as in GPT/BERT)."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention output and MLP."""
+    n_bins: int = 51
+    """Expression bins per cell (scGPT's default: 0 = not expressed, 1…50 = per-cell quantiles)."""
+    pooling: str = "cls"
+    """Cell embedding: the <cls> token ('cls') or the mean over gene tokens ('mean')."""
+    mvc: bool = True
+    """Add scGPT's MVC objective: predict masked values from the cell embedding."""
+    generative_mask: bool = False
+    """scGPT's attention mask: masked genes are seen only by themselves."""
+    init_from: str | None = None
+    """Start from this exported checkpoint directory instead of random weights."""
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"model.pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.n_bins < 3:
+            raise ValueError(f"model.n_bins must be >= 3, got {self.n_bins}")
+
+
+@dataclass
+class DataConfig:
+    """Which cells, how they become tokens, how they are masked."""
+
+    paths: list[str] = field(default_factory=list)
+    """h5ad files or directories of them. '${FM_DATA_DIR}' expands to the real-data directory."""
+    gene_key: str | None = None
+    """var column holding gene symbols/Ensembl IDs; None uses var_names."""
+    layer: str | None = None
+    """AnnData layer holding raw counts; None uses X."""
+    conditions: list[str] = field(default_factory=list)
+    """obs columns that become condition tokens (e.g. batch, assay)."""
+    max_genes: int = 1200
+    """Gene tokens per cell; cells with more expressed genes are subsampled (scGPT: 1200)."""
+    mask_ratio: float = 0.4
+    """Fraction of a cell's gene tokens whose value is masked for pretraining."""
+    min_matched_fraction: float = 0.2
+    """Stop if fewer of a file's genes than this are in the vocabulary."""
+    allow_non_counts: bool = False
+    """Accept non-integer, non-negative values (e.g. normalised data) instead of raw counts."""
+    val_fraction: float = 0.05
+    """Cells held out for periodic evaluation (fixed by the seed)."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = in the training process)."""
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"data.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_genes < 1:
+            raise ValueError(f"data.max_genes must be >= 1, got {self.max_genes}")
+
+    def resolved_paths(self) -> list[Path]:
+        """`paths` with '${FM_DATA_DIR}' expanded through fm.paths.data_dir()."""
+        return [Path(p.replace("${FM_DATA_DIR}", str(data_dir()))).expanduser() for p in self.paths]
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's knobs (used by pretraining and every fine-tune)."""
+
+    output_dir: str = "runs/pretrain"
+    """Where logs, checkpoints and the exported model go."""
+    max_steps: int = 1000
+    """Optimizer steps (each = grad_accum micro-batches)."""
+    batch_size: int = 32
+    """Cells per micro-batch per process. Global batch = batch_size × grad_accum × processes."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases, norms and embeddings)."""
+    warmup_steps: int = 100
+    """Linear warm-up before the cosine decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables."""
+    mixed_precision: str = "no"
+    """'no', 'bf16' or 'fp16' (passed to accelerate)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 0
+    """Seeds weights, data order, gene sampling and masks."""
+    log_every: int = 1
+    """Write a row to train_log.csv every N steps."""
+    eval_every: int = 0
+    """Evaluate on the held-out cells every N steps; 0 = only at the end."""
+    save_every: int = 500
+    """accelerate.save_state every N steps for resume; 0 = only at the end."""
+    save_total_limit: int = 2
+    """Keep this many resumable checkpoints."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be no|bf16|fp16, got {self.mixed_precision!r}")
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: what to build, what to feed it, how to train it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------- parsing
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Return `value` coerced to `hint` when that is lossless, else raise a clear TypeError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except TypeError as e:
+                errors.append(str(e))
+        raise TypeError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, str):  # "a,b" on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{where}: expected true/false, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint in (int, float, str) and not (isinstance(value, hint) and not isinstance(value, bool)):
+        raise TypeError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise TypeError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise KeyError(f"unknown config key(s) {', '.join((where + '.' if where else '') + k for k in unknown)}; "
+                       f"valid keys{' in ' + where if where else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key)
+        else:
+            kwargs[name] = _check_type(value, hint, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KeyError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.max_steps=20', 'data.conditions=[batch]'] → nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict, diff: dict) -> dict:
+    out = dict(base)
+    for k, v in diff.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None, cls=RunConfig):
+    """Defaults ← recipe YAML ← dotted overrides, validated into `cls`."""
+    tree: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise TypeError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return _build(cls, tree, "")

@@ -1,0 +1,355 @@
+"""scfm model, transformers-style, bottom-up: embeddings -> attention -> block -> PreTrainedModel
+-> ScFMModel (backbone) -> ScFMForMaskedExpression (pretraining heads + loss).
+
+A cell is a SET of genes, so there is no positional embedding; the model prepends its own prefix
+[<cls>, cond_1..cond_C] to the gene tokens. Shapes: B cells, L gene tokens, P = n_prefix,
+T = P + L, D = d_model, H heads of size D/H.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_scfm import ScFMConfig
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+
+class ScFMEmbeddings(nn.Module):
+    """Token embeddings of [<cls>, conditions, genes]: gene + value embedding for gene tokens.
+
+    Prefix tokens carry no expression value, so they get no value embedding: <cls> is the gene
+    embedding of `cls_token_id`, a condition token is a row of its own table (id 0 = unknown).
+    """
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        self.config = config
+        self.gene = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        # n_bins bins + <mask> value (n_bins) + <pad> value (n_bins + 1)
+        self.value = nn.Embedding(config.n_bins + 2, config.d_model)
+        # one table per condition key, in config.condition_keys order (names conditions.0, .1, …)
+        self.conditions = nn.ModuleList(nn.Embedding(n, config.d_model) for n in config.condition_vocab_sizes)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, condition_ids: torch.Tensor | None):
+        B = gene_ids.shape[0]
+        # <cls> goes through self.gene(...) (never self.gene.weight[...]): ZeRO-3 gathers the
+        # sharded table only inside the module's own forward
+        tokens = self.gene(torch.cat([gene_ids.new_full((B, 1), self.config.cls_token_id), gene_ids], 1))
+        prefix = [tokens[:, :1]]  # (B, 1, D)
+        if self.conditions:
+            if condition_ids is None:  # no conditions given = all unknown (id 0)
+                condition_ids = gene_ids.new_zeros(B, len(self.conditions))
+            if condition_ids.shape != (B, len(self.conditions)):
+                raise ValueError(
+                    f"condition_ids must be (B, {len(self.conditions)}) for {self.config.condition_keys}, "
+                    f"got {tuple(condition_ids.shape)}"
+                )
+            prefix += [table(condition_ids[:, i : i + 1]) for i, table in enumerate(self.conditions)]
+        genes = tokens[:, 1:] + self.value(values)  # (B, L, D)
+        x = torch.cat(prefix + [genes], dim=1)  # (B, T, D)
+        return self.dropout(self.norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention, MLP, block
+
+
+class ScFMAttention(nn.Module):
+    """Bidirectional multi-head self-attention through `F.scaled_dot_product_attention`."""
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.attention_dropout = config.attention_dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)  # fused q, k, v projection
+        self.out = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x.shape
+        # (B, T, 3D) -> 3 x (B, H, T, D/H)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        # attn_mask: bool, True = may attend; (B, 1, 1, T) key padding or (B, 1, T, T) generative
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class ScFMMLP(nn.Module):
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff)
+        self.proj = nn.Linear(config.d_ff, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class ScFMBlock(GradientCheckpointingLayer):
+    """Pre-LN transformer block. Subclassing GradientCheckpointingLayer makes
+    `model.gradient_checkpointing_enable()` recompute this block's forward in the backward pass
+    (the hidden state must be passed positionally for that)."""
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = ScFMAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = ScFMMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), attn_mask))
+        return x + self.dropout(self.mlp(self.ln2(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# PreTrainedModel
+
+
+class ScFMPreTrainedModel(PreTrainedModel):
+    config_class = ScFMConfig
+    base_model_prefix = "scfm"  # every ScFMFor* holds its backbone as `self.scfm`
+    main_input_name = "gene_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True  # attention always goes through F.scaled_dot_product_attention
+    _no_split_modules = ["ScFMBlock"]  # device_map keeps a block (its residual stream) on one device
+    # Task heads live in attributes named `*_head`; loading the bare backbone from a head
+    # checkpoint (AutoModel.from_pretrained) drops those keys on purpose, so they are not reported.
+    _keys_to_ignore_on_load_unexpected = [r"^\w+_head\."]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT/GPT-2 init: N(0, initializer_range) weights, zero biases, identity LayerNorms.
+
+        `transformers.initialization` functions skip tensors already loaded from a checkpoint.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            # the padding gene row stays zero (nn.Embedding also never updates it)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone
+
+
+@dataclass
+class ScFMModelOutput(ModelOutput):
+    """last_hidden_state (B, P+L, D) after the final LayerNorm; cell_embedding (B, D);
+    gene_hidden_states (B, L, D) = last_hidden_state without the prefix."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    gene_hidden_states: torch.FloatTensor | None = None
+
+
+class ScFMModel(ScFMPreTrainedModel):
+    """Backbone: embeddings -> n_layers Pre-LN blocks -> final LayerNorm -> cell embedding."""
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__(config)
+        self.embeddings = ScFMEmbeddings(config)
+        self.layers = nn.ModuleList(ScFMBlock(config) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.gene
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.gene = value
+
+    def _attention_mask(self, attention_mask, masked_positions):
+        """Bool SDPA mask (True = may attend) over the T = P + L tokens, or None when every key is
+        visible (lets SDPA pick its flash kernel). Prefix tokens are real and never masked, so
+        every query row keeps at least P visible keys: no fully masked row, no NaN."""
+        B, L = attention_mask.shape
+        P = self.config.n_prefix
+        key_real = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, T)
+        if self.config.generative_mask and masked_positions is not None:
+            # scGPT's generative mask: a masked gene is visible only to itself
+            key_masked = torch.cat([masked_positions.new_zeros(B, P), masked_positions.bool()], dim=1)
+            key_masked &= key_real
+            eye = torch.eye(P + L, dtype=torch.bool, device=key_real.device)
+            allowed = key_real[:, None, :] & (~key_masked[:, None, :] | eye)  # (B, T, T): [b, q, k]
+            return allowed[:, None]  # (B, 1, T, T)
+        if bool(key_real.all()):
+            return None
+        return key_real[:, None, None, :]  # (B, 1, 1, T)
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        condition_ids: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> ScFMModelOutput | tuple:
+        """gene_ids, values: (B, L) long (gene tokens only; padding = pad_token_id / pad_value_id);
+        attention_mask: (B, L), 1 = real gene (default gene_ids != pad); condition_ids: (B, C) long;
+        masked_positions: (B, L) bool, only read for the generative attention mask."""
+        if attention_mask is None:
+            attention_mask = gene_ids != self.config.pad_token_id
+        attention_mask = attention_mask.bool()
+        P = self.config.n_prefix
+
+        x = self.embeddings(gene_ids, values, condition_ids)  # (B, T, D)
+        mask = self._attention_mask(attention_mask, masked_positions)
+        for layer in self.layers:
+            x = layer(x, mask)  # positional args: required by gradient checkpointing
+        x = self.norm(x)
+
+        genes = x[:, P:]  # (B, L, D)
+        if self.config.pooling == "cls":
+            cell = x[:, 0]
+        else:  # mean over real gene tokens (a cell with no gene gets the zero vector)
+            w = attention_mask.unsqueeze(-1).to(x.dtype)
+            cell = (genes * w).sum(1) / w.sum(1).clamp(min=1.0)
+        out = ScFMModelOutput(last_hidden_state=x, cell_embedding=cell, gene_hidden_states=genes)
+        return out if return_dict else out.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked expression modelling (pretraining): GEP + MVC heads
+
+
+@dataclass
+class ScFMMaskedExpressionOutput(ModelOutput):
+    """loss = gep_loss + mvc_loss (when labels given); expression / mvc_expression (B, L) are
+    predictions of labels / (n_bins - 1), i.e. on the [0, 1] scale."""
+
+    loss: torch.FloatTensor | None = None
+    gep_loss: torch.FloatTensor | None = None
+    mvc_loss: torch.FloatTensor | None = None
+    expression: torch.FloatTensor | None = None
+    mvc_expression: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class ScFMMVCHead(nn.Module):
+    """scGPT's MVC "inner product" decoder: expression of gene g predicted from the cell embedding
+    alone, as (W q_g) . cell with query q_g = sigmoid(Linear(gene embedding of g))."""
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        self.query = nn.Linear(config.d_model, config.d_model)
+        self.W = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, gene_emb: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        q = torch.sigmoid(self.query(gene_emb))  # (B, L, D)
+        return (self.W(q) * cell.unsqueeze(1)).sum(-1)  # (B, L)
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the selected positions; 0 (still in the graph) when none are."""
+    w = select.to(pred.dtype)
+    return ((pred - target) ** 2 * w).sum() / w.sum().clamp(min=1.0)
+
+
+class ScFMForMaskedExpression(ScFMPreTrainedModel):
+    """Backbone + GEP head (expression from each gene's hidden state) + optional MVC head.
+
+    Targets are the true bins scaled to [0, 1] (labels / (n_bins - 1)), so the MSE starts at
+    O(0.1) whatever n_bins is and both losses are on the same scale.
+    """
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__(config)
+        self.scfm = ScFMModel(config)
+        self.gep_head = nn.Sequential(
+            nn.Linear(config.d_model, config.d_model), nn.GELU(), nn.Linear(config.d_model, 1)
+        )
+        self.mvc_head = ScFMMVCHead(config) if config.mvc else None
+        self.post_init()
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        condition_ids: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> ScFMMaskedExpressionOutput | tuple:
+        """labels: (B, L) true bin of every gene token; masked_positions: (B, L) bool, the
+        positions scored by the loss (default: values == mask_value_id)."""
+        if attention_mask is None:
+            attention_mask = gene_ids != self.config.pad_token_id
+        attention_mask = attention_mask.bool()
+        if masked_positions is None:
+            masked_positions = values == self.config.mask_value_id
+        masked_positions = masked_positions.bool() & attention_mask
+
+        out = self.scfm(gene_ids, values, attention_mask, condition_ids, masked_positions)
+        expression = self.gep_head(out.gene_hidden_states).squeeze(-1)  # (B, L)
+        mvc_expression = None
+        if self.mvc_head is not None:
+            mvc_expression = self.mvc_head(self.scfm.embeddings.gene(gene_ids), out.cell_embedding)
+
+        loss = gep_loss = mvc_loss = None
+        if labels is not None:
+            target = labels.to(expression.dtype) / (self.config.n_bins - 1)
+            loss = gep_loss = _masked_mse(expression, target, masked_positions)
+            if mvc_expression is not None:
+                mvc_loss = _masked_mse(mvc_expression, target, masked_positions)
+                loss = gep_loss + mvc_loss
+
+        result = ScFMMaskedExpressionOutput(
+            loss=loss,
+            gep_loss=gep_loss,
+            mvc_loss=mvc_loss,
+            expression=expression,
+            mvc_expression=mvc_expression,
+            cell_embedding=out.cell_embedding,
+            last_hidden_state=out.last_hidden_state,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto classes
+
+
+def register_auto_classes() -> None:
+    """Make AutoConfig / AutoModel / AutoModelForMaskedLM resolve model_type "scfm"
+    (idempotent: `exist_ok=True` so re-imports and reloads do not raise)."""
+    AutoConfig.register("scfm", ScFMConfig, exist_ok=True)
+    AutoModel.register(ScFMConfig, ScFMModel, exist_ok=True)
+    AutoModelForMaskedLM.register(ScFMConfig, ScFMForMaskedExpression, exist_ok=True)
+
+
+register_auto_classes()
+
+__all__ = [
+    "ScFMConfig",
+    "ScFMPreTrainedModel",
+    "ScFMModel",
+    "ScFMModelOutput",
+    "ScFMForMaskedExpression",
+    "ScFMMaskedExpressionOutput",
+    "register_auto_classes",
+]

@@ -1,0 +1,50 @@
+"""Where things live: the real-data directory (one setting) and the shipped vocabulary."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_DIR_ENV = "FM_DATA_DIR"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """The real-data directory: $FM_DATA_DIR, else `../shared/data` beside the project checkout.
+
+    Relative paths are taken from the current directory; the default is tried from the
+    current directory first, then beside the source checkout (editable installs), so the
+    README commands work from the repo root and tests work from anywhere.
+    """
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    for base in (Path.cwd(), _REPO_ROOT):
+        candidate = (base / ".." / "shared" / "data").resolve()
+        if candidate.is_dir():
+            return candidate
+    return (Path.cwd() / ".." / "shared" / "data").resolve()
+
+
+def h5ad_path(name: str) -> Path:
+    """Path of a named file in the data directory's h5ad/ folder (may not exist)."""
+    return data_dir() / "h5ad" / name
+
+
+def vocab_dir() -> Path:
+    """Directory holding the gene-vocabulary artifacts: inside the wheel, else the checkout's tokenizers/."""
+    shipped = Path(__file__).resolve().parent / "_vocab"
+    if (shipped / "tokenizer_config.json").is_file():
+        return shipped
+    return _REPO_ROOT / "tokenizers"
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path as given, else a shipped recipe by name ('debug' → pretrain/debug.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for root in (Path(__file__).resolve().parent / "_recipes", _REPO_ROOT / "recipes"):
+        for candidate in (root / path, root / "pretrain" / f"{path}.yaml", root / f"{path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"recipe not found: {name_or_path} (a YAML path, or a shipped name like 'debug')")

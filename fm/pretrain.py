@@ -1,0 +1,80 @@
+"""Pretraining: recipe → tokenised cells → ScFMForMaskedExpression → the one training loop → export."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fm.config import RunConfig
+from fm.data import CellCollator, encode_files
+from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression
+from fm.tokenizer import CellTokenizer, EncodedCells, subset_cells
+from fm.train import TrainResult, make_accelerator, train
+
+log = logging.getLogger("fm")
+
+
+def split_cells(cells: EncodedCells, val_fraction: float, seed: int) -> tuple[EncodedCells, EncodedCells | None]:
+    """A fixed (seed) held-out fraction of cells for evaluation."""
+    n_val = int(round(len(cells) * val_fraction))
+    if n_val == 0:
+        return cells, None
+    order = np.random.default_rng(seed).permutation(len(cells))
+    return subset_cells(cells, np.sort(order[n_val:])), subset_cells(cells, np.sort(order[:n_val]))
+
+
+def build_tokenizer(cfg: RunConfig) -> CellTokenizer:
+    if cfg.model.init_from:
+        return CellTokenizer.from_pretrained(cfg.model.init_from)
+    return CellTokenizer(n_bins=cfg.model.n_bins, condition_keys=cfg.data.conditions, gene_key=cfg.data.gene_key,
+                         layer=cfg.data.layer, min_matched_fraction=cfg.data.min_matched_fraction,
+                         allow_non_counts=cfg.data.allow_non_counts)
+
+
+def build_model(cfg: RunConfig, tokenizer: CellTokenizer) -> ScFMForMaskedExpression:
+    if cfg.model.init_from:
+        return ScFMForMaskedExpression.from_pretrained(cfg.model.init_from)
+    m = cfg.model
+    config = ScFMConfig(vocab_size=len(tokenizer.vocab), n_bins=m.n_bins, d_model=m.d_model, n_layers=m.n_layers,
+                        n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout, max_genes=cfg.data.max_genes,
+                        condition_keys=tokenizer.condition_keys,
+                        condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=m.pooling, mvc=m.mvc,
+                        generative_mask=m.generative_mask)
+    torch.manual_seed(cfg.train.seed)  # same seed, same initial weights
+    return ScFMForMaskedExpression(config)
+
+
+def export_pretrained(tokenizer: CellTokenizer):
+    """Exporter for train(): config.json + model.safetensors + tokenizer files in one directory."""
+    def export(model, state_dict, directory: Path) -> None:
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+    return export
+
+
+def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | None = None) -> TrainResult:
+    """The whole `fm pretrain` job; `cells` lets Python callers pass pre-tokenised data."""
+    out = Path(cfg.train.output_dir)
+    accelerator = make_accelerator(cfg.train)
+    tokenizer = build_tokenizer(cfg)
+    if cells is None:
+        if not cfg.data.paths:
+            raise ValueError("data.paths is empty: name .h5ad files or directories in the recipe or as "
+                             "data.paths=[a.h5ad,b.h5ad]")
+        cells = encode_files(cfg.data.resolved_paths(), tokenizer, fit_conditions=not cfg.model.init_from)
+    train_cells, val_cells = split_cells(cells, cfg.data.val_fraction, cfg.train.seed)
+    model = build_model(cfg, tokenizer)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("%d training cells, %d held out; model %.2fM parameters", len(train_cells),
+                 0 if val_cells is None else len(val_cells), n_params / 1e6)
+    collator = CellCollator(n_bins=model.config.n_bins, max_genes=cfg.data.max_genes,
+                            mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed,
+                            pad_token_id=model.config.pad_token_id)
+    return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells,
+                 export=export_pretrained(tokenizer), resume=resume, accelerator=accelerator,
+                 num_workers=cfg.data.num_workers)

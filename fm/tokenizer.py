@@ -1,0 +1,256 @@
+"""CellTokenizer: AnnData genes → vocabulary ids, raw-count validation, condition tokens.
+
+A cell is stored sparse and untouched (vocab gene ids + raw counts); binning and gene sampling
+happen later in the collator, per cell, so one tokenised corpus serves every epoch and seed.
+Everything that can go wrong with a user's file is checked here, before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from fm.binning import bin_csr
+from fm.vocab import GeneVocab
+
+log = logging.getLogger("fm")
+
+TOKENIZER_FILE = "cell_tokenizer.json"
+UNKNOWN_CONDITION = "<unknown>"  # id 0 of every condition table: missing or unseen category
+
+
+@dataclass
+class GeneMatch:
+    """How a file's genes map onto the vocabulary."""
+
+    vocab_ids: np.ndarray  # per var column, -1 where unknown
+    species: str
+    source: str = ""
+
+    @property
+    def n_total(self) -> int:
+        return int(self.vocab_ids.size)
+
+    @property
+    def n_matched(self) -> int:
+        return int((self.vocab_ids >= 0).sum())
+
+    @property
+    def fraction(self) -> float:
+        return self.n_matched / max(self.n_total, 1)
+
+    def summary(self) -> str:
+        return (f"{self.source or 'input'}: {self.n_matched}/{self.n_total} genes in the vocabulary "
+                f"({100 * self.fraction:.1f}%, {self.species}); {self.n_total - self.n_matched} unmatched")
+
+
+@dataclass
+class EncodedCells:
+    """Cells as sparse rows of (vocab gene id, raw count) plus condition ids — the corpus row format."""
+
+    indptr: np.ndarray  # int64 (n_cells + 1)
+    gene_ids: np.ndarray  # int32 (nnz)
+    counts: np.ndarray  # float32 (nnz)
+    conditions: np.ndarray  # int64 (n_cells, n_conditions)
+    obs_names: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        lo, hi = self.indptr[i], self.indptr[i + 1]
+        return {"gene_ids": self.gene_ids[lo:hi], "counts": self.counts[lo:hi],
+                "conditions": self.conditions[i], "index": int(i)}
+
+    @staticmethod
+    def concat(parts: Sequence["EncodedCells"]) -> "EncodedCells":
+        offsets = np.cumsum([0] + [p.indptr[-1] for p in parts[:-1]])
+        return EncodedCells(
+            indptr=np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)]).astype(np.int64),
+            gene_ids=np.concatenate([p.gene_ids for p in parts]),
+            counts=np.concatenate([p.counts for p in parts]),
+            conditions=np.concatenate([p.conditions for p in parts]),
+            obs_names=np.concatenate([p.obs_names for p in parts]),
+        )
+
+
+class CellTokenizer:
+    """Maps AnnData to model inputs; saved beside every checkpoint so inference matches training."""
+
+    def __init__(self, vocab: GeneVocab | None = None, n_bins: int = 51, condition_keys: Sequence[str] = (),
+                 condition_categories: dict[str, list[str]] | None = None, gene_key: str | None = None,
+                 layer: str | None = None, min_matched_fraction: float = 0.2, allow_non_counts: bool = False):
+        self.vocab = vocab or GeneVocab.default()
+        self.n_bins = n_bins
+        self.condition_keys = list(condition_keys)
+        self.condition_categories = {k: list(v) for k, v in (condition_categories or {}).items()}
+        self.gene_key = gene_key
+        self.layer = layer
+        self.min_matched_fraction = min_matched_fraction
+        self.allow_non_counts = allow_non_counts
+
+    # ------------------------------------------------------------------ genes
+    def match_genes(self, adata, source: str = "") -> GeneMatch:
+        """Vocabulary id of every var column; errors on duplicates and on too few matches."""
+        if self.gene_key is not None and self.gene_key not in adata.var.columns:
+            raise KeyError(f"{source or 'input'}: var column {self.gene_key!r} (gene_key) is missing; "
+                           f"available: {list(adata.var.columns)}. Pass gene_key=None to use var_names.")
+        names = pd.Index(adata.var[self.gene_key].astype(str) if self.gene_key else adata.var_names.astype(str))
+        if names.has_duplicates:
+            dup = names[names.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"{source or 'input'}: duplicate gene names {dup} ({names.duplicated().sum()} in all). "
+                             "Sum or drop duplicated columns, or pass gene_key= a var column with unique "
+                             "Ensembl IDs (e.g. 'gene_ids').")
+        species = self.vocab.detect_species(names)
+        ids = self.vocab.lookup(names, species=species)
+        match = GeneMatch(ids, species, source)
+        if match.fraction < self.min_matched_fraction:
+            examples = names[ids < 0][:5].tolist()
+            raise ValueError(f"{match.summary()} — below the minimum {self.min_matched_fraction:.0%}. "
+                             f"Unmatched examples: {examples}. Point gene_key at a var column of gene "
+                             "symbols or Ensembl IDs, or lower min_matched_fraction if this is expected.")
+        kept = ids[ids >= 0]
+        if np.unique(kept).size != kept.size:
+            seen = pd.Series(names[ids >= 0]).groupby(kept).agg(list)
+            clash = seen[seen.map(len) > 1].head(3).tolist()
+            raise ValueError(f"{source or 'input'}: several columns map to the same vocabulary gene, e.g. {clash}. "
+                             "Keep one column per gene (sum duplicates) before tokenizing.")
+        log.info(match.summary())
+        return match
+
+    # ------------------------------------------------------------------ conditions
+    def fit_conditions(self, obs: pd.DataFrame, source: str = "") -> None:
+        """Learn category → id maps for condition columns (id 0 stays 'unknown')."""
+        for key in self.condition_keys:
+            values = self._condition_column(obs, key, source)
+            known = self.condition_categories.setdefault(key, [UNKNOWN_CONDITION])
+            new = sorted(set(values.unique()) - set(known))
+            known.extend(new)
+
+    def encode_conditions(self, obs: pd.DataFrame, source: str = "") -> np.ndarray:
+        """(n_cells, n_conditions) ids; categories never seen in training map to 0 with a warning."""
+        out = np.zeros((len(obs), len(self.condition_keys)), dtype=np.int64)
+        for j, key in enumerate(self.condition_keys):
+            values = self._condition_column(obs, key, source)
+            table = {c: i for i, c in enumerate(self.condition_categories.get(key, [UNKNOWN_CONDITION]))}
+            ids = values.map(table).fillna(0).astype(np.int64).to_numpy()
+            unseen = sorted(set(values[ids == 0].unique()) - {UNKNOWN_CONDITION})
+            if unseen:
+                log.warning("%s: %s values %s were not seen in training; they use the unknown token",
+                            source or "input", key, unseen[:5])
+            out[:, j] = ids
+        return out
+
+    def condition_vocab_sizes(self) -> list[int]:
+        return [len(self.condition_categories.get(k, [UNKNOWN_CONDITION])) for k in self.condition_keys]
+
+    @staticmethod
+    def _condition_column(obs: pd.DataFrame, key: str, source: str) -> pd.Series:
+        if key not in obs.columns:
+            raise KeyError(f"{source or 'input'}: obs column {key!r} is named as a condition but is missing; "
+                           f"available obs columns: {list(obs.columns)}. Add it, or drop it from data.conditions.")
+        return obs[key].astype(str).fillna(UNKNOWN_CONDITION)
+
+    # ------------------------------------------------------------------ counts
+    def iter_count_chunks(self, adata, match: GeneMatch, chunk_size: int = 4096,
+                          source: str = "") -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Validated CSR chunks (rows × matched genes, columns in vocab-id order) without densifying X."""
+        matrix = adata.layers[self.layer] if self.layer else adata.X
+        if self.layer and self.layer not in adata.layers:
+            raise KeyError(f"{source or 'input'}: layer {self.layer!r} missing; layers: {list(adata.layers)}")
+        keep = np.flatnonzero(match.vocab_ids >= 0)
+        for start in range(0, adata.n_obs, chunk_size):
+            chunk = matrix[start:start + chunk_size]
+            chunk = sp.csr_matrix(chunk, dtype=np.float32) if not sp.issparse(chunk) else chunk.tocsr()
+            self.validate_values(chunk.data, source, start)
+            yield start, chunk[:, keep].tocsr()
+
+    def validate_values(self, data: np.ndarray, source: str = "", row_offset: int = 0) -> None:
+        """Raw counts only (unless allow_non_counts): no NaN/inf, no negatives, integers."""
+        where = f"{source or 'input'} (rows from {row_offset})"
+        if not np.isfinite(data).all():
+            raise ValueError(f"{where}: X contains NaN or infinite values. Fix or drop those cells first.")
+        if (data < 0).any():
+            raise ValueError(f"{where}: X contains negative values (min {data.min():.3g}) — it looks scaled or "
+                             "centred. Use raw counts: adata.layers['counts'] (layer='counts') or the "
+                             "unprocessed file.")
+        if not self.allow_non_counts and not np.array_equal(data, np.round(data)):
+            raise ValueError(f"{where}: X holds non-integer values — it looks normalised, not raw counts. "
+                             "Use raw counts (layer='counts', or adata.raw if it holds counts), or set "
+                             "allow_non_counts=True to bin the values as they are (bins are per-cell ranks).")
+
+    def iter_encoded(self, adata, source: str = "", chunk_size: int = 4096,
+                     drop_empty: bool = False) -> Iterator[EncodedCells]:
+        """Stream an AnnData as EncodedCells chunks (rows sorted by vocab id); empty cells error unless dropped."""
+        match = self.match_genes(adata, source)
+        conditions = self.encode_conditions(adata.obs, source)
+        obs_names = np.asarray(adata.obs_names, dtype=object)
+        matched = match.vocab_ids[match.vocab_ids >= 0]
+        order = np.argsort(matched, kind="stable")
+        gene_of_col = matched[order].astype(np.int32)
+        for start, chunk in self.iter_count_chunks(adata, match, chunk_size, source):
+            chunk = chunk[:, order]  # columns in vocab-id order: rows come out gene-sorted
+            chunk.eliminate_zeros()
+            chunk.sort_indices()
+            stop = start + chunk.shape[0]
+            part = EncodedCells(chunk.indptr.astype(np.int64), gene_of_col[chunk.indices],
+                                chunk.data.astype(np.float32), conditions[start:stop], obs_names[start:stop])
+            empty = np.flatnonzero(np.diff(part.indptr) == 0)
+            if empty.size and not drop_empty:
+                raise ValueError(f"{source or 'input'}: cells with no counts in vocabulary genes "
+                                 f"(e.g. {part.obs_names[empty[:3]].tolist()}). Filter them first "
+                                 "(scanpy.pp.filter_cells(adata, min_genes=1)) or pass drop_empty=True.")
+            if empty.size:
+                log.warning("%s: dropped %d cells with no counts in vocabulary genes", source or "input", empty.size)
+                part = subset_cells(part, np.flatnonzero(np.diff(part.indptr) > 0))
+            yield part
+
+    def encode(self, adata, source: str = "", chunk_size: int = 4096, drop_empty: bool = False) -> EncodedCells:
+        """Whole AnnData → EncodedCells (vocab ids + raw counts), read in row chunks."""
+        parts = list(self.iter_encoded(adata, source, chunk_size, drop_empty))
+        if not parts:
+            raise ValueError(f"{source or 'input'}: the AnnData has no cells")
+        return EncodedCells.concat(parts)
+
+    def bin(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Per-cell scGPT bins of CSR values (deterministic)."""
+        return bin_csr(indptr, counts, self.n_bins)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.vocab.save(directory)
+        config = {"n_bins": self.n_bins, "condition_keys": self.condition_keys,
+                  "condition_categories": self.condition_categories, "gene_key": self.gene_key,
+                  "layer": self.layer, "min_matched_fraction": self.min_matched_fraction,
+                  "allow_non_counts": self.allow_non_counts, "vocab_sha256": self.vocab.sha256}
+        (directory / TOKENIZER_FILE).write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "CellTokenizer":
+        directory = Path(directory)
+        path = directory / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: no {TOKENIZER_FILE}; is this an scfm checkpoint directory?")
+        config = json.loads(path.read_text())
+        vocab = GeneVocab.load(directory)
+        expected = config.pop("vocab_sha256", None)
+        if expected and expected != vocab.sha256:
+            raise ValueError(f"{directory}: gene vocabulary does not match the one this tokenizer was saved with")
+        return cls(vocab=vocab, **config)
+
+
+def subset_cells(cells: EncodedCells, rows: np.ndarray) -> EncodedCells:
+    """Rows of an EncodedCells as a new, compact EncodedCells."""
+    starts, ends = cells.indptr[rows], cells.indptr[rows + 1]
+    lengths = ends - starts
+    take = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+    return EncodedCells(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), cells.gene_ids[take],
+                        cells.counts[take], cells.conditions[rows], cells.obs_names[rows])

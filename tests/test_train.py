@@ -1,0 +1,71 @@
+"""The training loop on real cells: export, resume = uninterrupted, no silent overwrite."""
+import csv
+
+import pytest
+import torch
+from transformers import AutoModel
+
+import fm
+from conftest import tiny_overrides
+from fm.config import load_config
+from fm.paths import recipe_path
+from fm.pretrain import run_pretraining
+from fm.train import CHECKPOINTS
+
+
+def _losses(path):
+    with open(path) as f:
+        return {int(float(r["step"])): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def test_export_loads_with_fm_and_automodel(tiny_model_dir):
+    names = {p.name for p in tiny_model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "cell_tokenizer.json", "tokenizer_config.json"} <= names
+    model = fm.load(tiny_model_dir)
+    assert isinstance(model, fm.ScFMForMaskedExpression) and not model.training
+    backbone, info = AutoModel.from_pretrained(tiny_model_dir, output_loading_info=True)
+    assert isinstance(backbone, fm.ScFMModel)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for a, b in zip(backbone.state_dict().values(), model.scfm.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, pbmc_path):
+    extra = {"model.dropout": 0.1, "train.save_every": 5, "train.save_total_limit": 5}
+    full = run_pretraining(load_config(recipe_path("debug"), tiny_overrides(tmp_path / "a", [pbmc_path], 12, **extra)))
+    run_b = tmp_path / "b"
+    cfg_b = load_config(recipe_path("debug"), tiny_overrides(run_b, [pbmc_path], 12, **extra))
+    run_pretraining(cfg_b)
+    import shutil
+    shutil.rmtree(run_b / CHECKPOINTS / "step_12")  # as if killed between step 10 and 12
+    shutil.rmtree(run_b / CHECKPOINTS / "step_10")  # … and between 5 and 10
+    resumed = run_pretraining(cfg_b, resume=True)
+    assert resumed.step == 12
+    a, b = _losses(tmp_path / "a" / "train_log.csv"), _losses(run_b / "train_log.csv")
+    assert sorted(b) == list(range(1, 13)), "the log is rewritten from the resumed step, no duplicates"
+    for step in range(1, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step
+    assert full.history[-1]["loss"] == pytest.approx(resumed.history[-1]["loss"], rel=1e-5)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, pbmc_path):
+    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [pbmc_path], 2))
+    run_pretraining(cfg)
+    before = (tmp_path / "train_log.csv").read_text()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_pretraining(cfg)
+    assert (tmp_path / "train_log.csv").read_text() == before
+
+
+def test_conditions_become_tokens(tmp_path, kang_path):
+    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [kang_path], 3) + ["data.conditions=[sample]"])
+    result = run_pretraining(cfg)
+    model = fm.load(result.export_dir)
+    assert model.config.condition_keys == ["sample"] and model.config.condition_vocab_sizes == [5]
+    assert model.cell_tokenizer.condition_categories["sample"][0] == "<unknown>"
+
+
+def test_empty_data_paths_is_a_clear_error(tmp_path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="data.paths is empty"):
+        run_pretraining(cfg)
