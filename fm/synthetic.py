@@ -18,8 +18,9 @@ def synthetic_anndata(n_cells: int = 800, n_genes: int = 2000, n_types: int = 5,
     """Raw-count AnnData with obs['cell_type'] and obs['batch'] (ground truth for checks)."""
     rng = np.random.default_rng(seed)
     vocab = GeneVocab.default()
-    human = np.flatnonzero((vocab.species == "human") & (vocab.symbols != ""))
-    genes = vocab.symbols[np.sort(rng.choice(human, n_genes, replace=False))]
+    coding = np.flatnonzero((vocab.species == "human") & (vocab.biotypes == "protein_coding"))
+    _, first = np.unique(vocab.symbols[coding], return_index=True)  # one id per symbol
+    genes = vocab.symbols[np.sort(rng.choice(coding[first], n_genes, replace=False))]
     base = rng.lognormal(mean=-2.0, sigma=1.5, size=n_genes)  # a few high, many low genes
     programs = base * rng.lognormal(0.0, 1.0, size=(n_types, n_genes)) ** (rng.random((n_types, n_genes)) < 0.1)
     batch_effect = rng.lognormal(0.0, 0.3, size=(n_batches, n_genes))

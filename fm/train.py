@@ -183,7 +183,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
                 continue
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or step in (1, cfg.max_steps):
                 row = _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tokens, t0)
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")

@@ -69,3 +69,15 @@ def test_empty_data_paths_is_a_clear_error(tmp_path):
     cfg = load_config(None, [f"train.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="data.paths is empty"):
         run_pretraining(cfg)
+
+
+def test_debug_recipe_learns_on_real_cells(tmp_path, pbmc_path, kang_path):
+    """The debug recipe itself (shortened): loss falls to ≤ 0.8 × its start on real cells."""
+    cfg = load_config(recipe_path("debug"), [f"train.output_dir={tmp_path}", "train.max_steps=60",
+                                             "train.progress=false", "train.eval_every=0", "train.save_every=0"])
+    result = run_pretraining(cfg)
+    first, last = result.history[0], result.history[-1]
+    assert first["step"] == 1 and last["step"] == 60
+    assert last["loss"] <= 0.8 * first["loss"], (first["loss"], last["loss"])
+    evals = (tmp_path / "eval_log.jsonl").read_text().splitlines()
+    assert evals and "eval_gep_loss" in evals[-1]
