@@ -53,6 +53,16 @@ class ShardedBatchSampler(Sampler[list[int]]):
             yield order[lo:lo + self.batch_size].tolist()
 
 
+def make_batch_sampler(dataset, batch_size: int, world: int, rank: int, seed: int, epoch: int,
+                       start_batch: int) -> Sampler[list[int]]:
+    """The dataset's own sampler if it has one (e.g. a sharded corpus reading disjoint shards per
+    rank), else ShardedBatchSampler. Contract: every rank yields the same number of batches, the
+    order is a function of (seed, epoch), and `start_batch` skips that many of this rank's batches."""
+    if hasattr(dataset, "batch_sampler"):
+        return dataset.batch_sampler(batch_size, world, rank, seed, epoch, start_batch)
+    return ShardedBatchSampler(len(dataset), batch_size, world, rank, seed, epoch, start_batch)
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -137,7 +147,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    micro_per_epoch = len(dataset) // (cfg.batch_size * world)
+    micro_per_epoch = len(make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, 0, 0))
     if micro_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training cells cannot fill one global batch of "
                          f"{cfg.batch_size} × {world} processes; lower train.batch_size")
@@ -158,7 +168,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
     while step < cfg.max_steps:
         epoch, offset = divmod(micro, micro_per_epoch)
         collator.epoch = epoch
-        sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, world, rank, cfg.seed, epoch, offset)
+        sampler = make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, epoch, offset)
         # a private generator: creating an iterator must not consume the global RNG (dropout), or a
         # resumed run would diverge from an uninterrupted one
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
@@ -265,5 +275,5 @@ def _log_eval(out: Path, step: int, metrics: dict, accelerator: Accelerator) -> 
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-__all__ = ["ShardedBatchSampler", "TrainResult", "evaluate", "latest_checkpoint", "make_accelerator",
+__all__ = ["ShardedBatchSampler", "make_batch_sampler", "TrainResult", "evaluate", "latest_checkpoint", "make_accelerator",
            "save_checkpoint", "train"]
