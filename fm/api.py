@@ -58,7 +58,7 @@ def embed(adata, model, batch_size: int = 64, key: str = "X_fm", chunk_size: int
     backbone = _backbone(model)
     config = backbone.config
     collator = CellCollator(n_bins=config.n_bins, max_genes=config.max_genes, train=False,
-                            pad_token_id=config.pad_token_id)
+                            pad_token_id=config.pad_token_id, zero_fraction=getattr(config, "zero_fraction", 0.0))
     out = np.zeros((adata.n_obs, config.d_model), dtype=np.float32)
     keep = np.zeros(adata.n_obs, dtype=bool)
     was_training = model.training

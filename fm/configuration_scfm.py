@@ -38,6 +38,7 @@ class ScFMConfig(PretrainedConfig):
         condition_vocab_sizes: list[int] | None = None,  # table size per key; id 0 = unknown/missing
         pooling: str = "cls",  # cell embedding = hidden state at <cls> ("cls") or mean over genes ("mean")
         generative_mask: bool = False,  # scGPT's mask: masked genes are seen only by themselves
+        zero_fraction: float = 0.0,  # share of max_genes given to measured-but-unexpressed genes (bin 0)
         mvc: bool = True,  # add scGPT's masked-value-prediction-from-cell-embedding (MVC) loss
         layer_norm_eps: float = 1e-5,  # PyTorch's LayerNorm default
         initializer_range: float = 0.02,  # std of the normal init, BERT/GPT-2's
@@ -59,6 +60,9 @@ class ScFMConfig(PretrainedConfig):
         self.condition_vocab_sizes = [int(n) for n in (condition_vocab_sizes or [])]
         self.pooling = pooling
         self.generative_mask = bool(generative_mask)
+        if not 0.0 <= zero_fraction < 1.0:
+            raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction}")
+        self.zero_fraction = float(zero_fraction)
         self.mvc = bool(mvc)
         self.layer_norm_eps = float(layer_norm_eps)
         self.initializer_range = float(initializer_range)

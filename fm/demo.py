@@ -43,6 +43,7 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None) 
     import fm
     from fm.pretrain import run_pretraining
     from fm.synthetic import synthetic_anndata
+    from fm.train import latest_checkpoint
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,8 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None) 
         source = f"generated data: {adata_path}"
         overrides.append(f"data.paths=[{adata_path}]")
     cfg = load_config(recipe_path("debug"), overrides)
-    result = run_pretraining(cfg, resume=True)  # a finished earlier demo run is reused, not retrained
+    # a finished earlier demo run is reused (resumed at its last step), not retrained
+    result = run_pretraining(cfg, resume=latest_checkpoint(Path(cfg.train.output_dir)) is not None)
     train_s = time.perf_counter() - t0
 
     model = fm.load(result.export_dir)

@@ -59,25 +59,50 @@ class EncodedCells:
     counts: np.ndarray  # float32 (nnz)
     conditions: np.ndarray  # int64 (n_cells, n_conditions)
     obs_names: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+    panels: list[np.ndarray] = field(default_factory=list)  # sorted vocab ids each source measured
+    panel_of: np.ndarray | None = None  # per cell: index into `panels`
 
     def __len__(self) -> int:
         return len(self.indptr) - 1
 
     def __getitem__(self, i: int) -> dict:
         lo, hi = self.indptr[i], self.indptr[i + 1]
-        return {"gene_ids": self.gene_ids[lo:hi], "counts": self.counts[lo:hi],
-                "conditions": self.conditions[i], "index": int(i)}
+        row = {"gene_ids": self.gene_ids[lo:hi], "counts": self.counts[lo:hi],
+               "conditions": self.conditions[i], "index": int(i)}
+        if self.panel_of is not None:
+            row["panel"] = self.panels[self.panel_of[i]]
+        return row
 
     @staticmethod
     def concat(parts: Sequence["EncodedCells"]) -> "EncodedCells":
         offsets = np.cumsum([0] + [p.indptr[-1] for p in parts[:-1]])
+        panels, panel_of = _merge_panels(parts)
         return EncodedCells(
             indptr=np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)]).astype(np.int64),
             gene_ids=np.concatenate([p.gene_ids for p in parts]),
             counts=np.concatenate([p.counts for p in parts]),
             conditions=np.concatenate([p.conditions for p in parts]),
             obs_names=np.concatenate([p.obs_names for p in parts]),
+            panels=panels, panel_of=panel_of,
         )
+
+
+def _merge_panels(parts: Sequence[EncodedCells]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """One list of distinct panels (shared by identity, as chunks of one file share theirs)."""
+    if any(p.panel_of is None for p in parts):
+        return [], None
+    panels: list[np.ndarray] = []
+    where: dict[int, int] = {}
+    mapped = []
+    for part in parts:
+        local = []
+        for panel in part.panels:
+            if id(panel) not in where:
+                where[id(panel)] = len(panels)
+                panels.append(panel)
+            local.append(where[id(panel)])
+        mapped.append(np.asarray(local, dtype=np.int64)[part.panel_of])
+    return panels, np.concatenate(mapped)
 
 
 class CellTokenizer:
@@ -200,7 +225,8 @@ class CellTokenizer:
             chunk.sort_indices()
             stop = start + chunk.shape[0]
             part = EncodedCells(chunk.indptr.astype(np.int64), gene_of_col[chunk.indices],
-                                chunk.data.astype(np.float32), conditions[start:stop], obs_names[start:stop])
+                                chunk.data.astype(np.float32), conditions[start:stop], obs_names[start:stop],
+                                panels=[gene_of_col], panel_of=np.zeros(stop - start, np.int64))
             empty = np.flatnonzero(np.diff(part.indptr) == 0)
             if empty.size and not drop_empty:
                 raise ValueError(f"{source or 'input'}: cells with no counts in vocabulary genes "
@@ -253,4 +279,5 @@ def subset_cells(cells: EncodedCells, rows: np.ndarray) -> EncodedCells:
     lengths = ends - starts
     take = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
     return EncodedCells(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), cells.gene_ids[take],
-                        cells.counts[take], cells.conditions[rows], cells.obs_names[rows])
+                        cells.counts[take], cells.conditions[rows], cells.obs_names[rows], cells.panels,
+                        None if cells.panel_of is None else cells.panel_of[rows])

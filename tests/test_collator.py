@@ -62,3 +62,22 @@ def test_bins_are_computed_over_the_whole_cell(cells):
     chosen = batch["gene_ids"][0][batch["attention_mask"][0]].numpy()
     expected = full_bins[np.searchsorted(row["gene_ids"], chosen)]
     np.testing.assert_array_equal(batch["values"][0][batch["attention_mask"][0]].numpy(), expected)
+
+
+def test_zero_genes_come_from_the_panel_and_are_unexpressed(cells):
+    col = CellCollator(max_genes=64, zero_fraction=0.25, seed=2)
+    rows = [cells[i] for i in range(8)]
+    assert all("panel" in r for r in rows)
+    batch = col(rows)
+    for i, r in enumerate(rows):
+        real = batch["attention_mask"][i]
+        genes = batch["gene_ids"][i][real].numpy()
+        labels = batch["labels"][i][real].numpy()
+        zero = genes[labels == 0]
+        assert len(zero) == 16 and len(set(genes.tolist())) == len(genes)
+        assert np.isin(zero, r["panel"]).all() and not np.isin(zero, r["gene_ids"]).any()
+        assert (labels > 0).sum() == min(len(r["gene_ids"]), 48)
+    infer = CellCollator(max_genes=64, zero_fraction=0.25, train=False)
+    a, b = infer(rows[:3]), infer([rows[1]])
+    n = int(b["attention_mask"][0].sum())
+    assert a["gene_ids"][1][:n].tolist() == b["gene_ids"][0][:n].tolist(), "independent of the batch"

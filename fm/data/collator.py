@@ -46,11 +46,14 @@ def _rank_within_rows(row: np.ndarray, *keys: np.ndarray) -> tuple[np.ndarray, n
 
 @dataclass
 class CellCollator:
-    """rows of {gene_ids, counts, conditions, index} → padded tensors for ScFM models.
+    """rows of {gene_ids, counts, conditions, index[, panel]} → padded tensors for ScFM models.
 
-    train=True: long cells keep a random `max_genes` subset and `mask_ratio` of each cell's values
-    are masked (labels = true bins). train=False: long cells keep their most expressed genes
-    (ties by gene id) and nothing is masked — deterministic inference.
+    train=True: long cells keep a random subset of their expressed genes and `mask_ratio` of each
+    cell's tokens are masked (labels = true bins). train=False: long cells keep their most
+    expressed genes (ties by gene id) and nothing is masked — deterministic inference.
+    zero_fraction > 0 (and a row `panel`: the sorted vocab ids its dataset measured) reserves that
+    share of `max_genes` for measured-but-unexpressed genes (value bin 0), as scGPT does with
+    include_zero_gene: predicting which genes are off is what ties the cell embedding to cell state.
     """
 
     n_bins: int = 51
@@ -59,6 +62,7 @@ class CellCollator:
     train: bool = True
     seed: int = 0
     pad_token_id: int = 0
+    zero_fraction: float = 0.0
     pad_to_multiple_of: int = 8  # tensor-core friendly lengths on GPU; costs little on CPU
     epoch: int = 0
 
@@ -70,6 +74,23 @@ class CellCollator:
     def pad_value_id(self) -> int:
         return self.n_bins + 1
 
+    def _zero_genes(self, row: dict, n_zero: int) -> np.ndarray:
+        """`n_zero` measured genes this cell does not express: random per (seed, epoch, cell) in
+        training, a fixed gene priority at inference (so a cell's tokens never depend on its batch)."""
+        panel, expressed = row["panel"], row["gene_ids"]
+        if self.train:
+            m = 2 * n_zero + 16  # a few spare draws; expressed or repeated draws are dropped
+            u = hashed_uniform(self.seed, self.epoch, np.full(m, row["index"]), np.arange(m), salt=3)
+            draw = panel[(u * len(panel)).astype(np.int64)]
+            draw = draw[~_contains(expressed, draw)]
+            _, first = np.unique(draw, return_index=True)
+            draw = draw[np.sort(first)]
+            if len(draw) >= n_zero:
+                return draw[:n_zero]
+        off = panel[~_contains(expressed, panel)]
+        priority = hashed_uniform(self.seed, 0, np.zeros(len(off), np.int64), off, salt=4)
+        return off[np.argsort(priority, kind="stable")[:n_zero]]
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         lengths = np.array([len(r["gene_ids"]) for r in rows], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(lengths)])
@@ -78,36 +99,53 @@ class CellCollator:
         cell_index = np.array([r["index"] for r in rows], dtype=np.int64)
         bins = bin_csr(indptr, counts, self.n_bins).astype(np.int64)  # over the whole cell, before sampling
 
+        zero_slots = int(round(self.zero_fraction * self.max_genes))
+        n_zero = np.array([min(zero_slots, max(len(r.get("panel", ())) - n, 0)) if zero_slots else 0
+                           for r, n in zip(rows, lengths)], dtype=np.int64)
+        budget = self.max_genes - n_zero  # expressed genes a cell keeps
+
         row = np.repeat(np.arange(len(rows)), lengths)
         position = np.arange(genes.size) - indptr[row]
         if self.train:
             key = hashed_uniform(self.seed, self.epoch, cell_index[row], position, salt=1)
-            order, rank = _rank_within_rows(row, key)
+            _, rank = _rank_within_rows(row, key)
         else:
-            order, rank = _rank_within_rows(row, genes, -counts)
-        keep = rank < self.max_genes
-        kept = np.minimum(lengths, self.max_genes)
+            _, rank = _rank_within_rows(row, genes, -counts)
+        keep = rank < budget[row]
+        kept_expressed = np.minimum(lengths, budget)
+        zeros = [self._zero_genes(r, z) for r, z in zip(rows, n_zero) if z]
+        zero_rows = np.repeat(np.arange(len(rows)), n_zero)
+        r = np.concatenate([row[keep], zero_rows])
+        c = np.concatenate([rank[keep], np.arange(zero_rows.size) - np.repeat(np.cumsum(n_zero) - n_zero, n_zero)
+                            + kept_expressed[zero_rows]])
+        g = np.concatenate([genes[keep]] + zeros) if zeros else genes[keep]
+        b = np.concatenate([bins[keep], np.zeros(zero_rows.size, np.int64)])
+
+        kept = kept_expressed + n_zero
         width = max(int(kept.max(initial=1)), 1)
         width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-
-        r, c = row[keep], rank[keep]
         gene_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
         values = np.full((len(rows), width), self.pad_value_id, dtype=np.int64)
         labels = np.zeros((len(rows), width), dtype=np.float32)
-        gene_ids[r, c] = genes[keep]
-        values[r, c] = bins[keep]
-        labels[r, c] = bins[keep]
         attention_mask = np.zeros((len(rows), width), dtype=bool)
-        attention_mask[r, c] = True
+        gene_ids[r, c], values[r, c], labels[r, c], attention_mask[r, c] = g, b, b, True
 
         batch = {"gene_ids": gene_ids, "values": values, "attention_mask": attention_mask,
                  "condition_ids": np.stack([np.asarray(x["conditions"], dtype=np.int64) for x in rows])}
         if self.train:
             n_mask = np.maximum(np.rint(kept * self.mask_ratio).astype(np.int64), (kept > 0).astype(np.int64))
-            mkey = hashed_uniform(self.seed, self.epoch, cell_index[r], genes[keep], salt=2)
+            mkey = hashed_uniform(self.seed, self.epoch, cell_index[r], g, salt=2)
             _, mrank = _rank_within_rows(r, mkey)
             masked = np.zeros_like(attention_mask)
             masked[r, c] = mrank < n_mask[r]
             values[masked] = self.mask_value_id
             batch.update(masked_positions=masked, labels=labels)
         return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def _contains(sorted_values: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Membership of `query` in a sorted array (a cell's gene ids are stored sorted)."""
+    if len(sorted_values) == 0:
+        return np.zeros(len(query), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_values, query), len(sorted_values) - 1)
+    return sorted_values[pos] == query
