@@ -57,7 +57,7 @@ class DataConfig:
     """Which cells, how they become tokens, how they are masked."""
 
     paths: list[str] = field(default_factory=list)
-    """h5ad files or directories of them. '${FM_DATA_DIR}' expands to the real-data directory."""
+    """h5ad files or directories of them, or one corpus directory (`fm corpus build`). '${FM_DATA_DIR}' expands to the real-data directory."""
     gene_key: str | None = None
     """var column holding gene symbols/Ensembl IDs; None uses var_names."""
     layer: str | None = None
@@ -68,6 +68,8 @@ class DataConfig:
     """Gene tokens per cell; cells with more expressed genes are subsampled (scGPT: 1200)."""
     mask_ratio: float = 0.4
     """Fraction of a cell's gene tokens whose value is masked for pretraining."""
+    zero_fraction: float = 0.25
+    """Share of max_genes given to measured-but-unexpressed genes (bin 0; scGPT's include_zero_gene)."""
     min_matched_fraction: float = 0.2
     """Stop if fewer of a file's genes than this are in the vocabulary."""
     allow_non_counts: bool = False
@@ -76,14 +78,20 @@ class DataConfig:
     """Cells held out for periodic evaluation (fixed by the seed)."""
     num_workers: int = 0
     """DataLoader worker processes (0 = in the training process)."""
+    shuffle_buffer: int = 100_000
+    """Corpus streaming: cells shuffled together per rank (costs one index each; data stays memory-mapped)."""
 
     def __post_init__(self):
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"data.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.zero_fraction < 1.0:
+            raise ValueError(f"data.zero_fraction must be in [0, 1), got {self.zero_fraction}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_genes < 1:
             raise ValueError(f"data.max_genes must be >= 1, got {self.max_genes}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
 
     def resolved_paths(self) -> list[Path]:
         """`paths` with '${FM_DATA_DIR}' expanded through fm.paths.data_dir()."""

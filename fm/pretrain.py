@@ -1,4 +1,5 @@
-"""Pretraining: recipe → tokenised cells → ScFMForMaskedExpression → the one training loop → export."""
+"""Pretraining: recipe → tokenised cells (h5ad encoded in memory, or a corpus streamed from disk) →
+ScFMForMaskedExpression → the one training loop → export."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,8 @@ import torch
 
 from fm.config import RunConfig
 from fm.data import CellCollator, encode_files
+from fm.data.corpus import is_corpus, load_manifest
+from fm.data.streaming import CorpusDataset
 from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression
 from fm.tokenizer import CellTokenizer, EncodedCells, subset_cells
 from fm.train import TrainResult, make_accelerator, train
@@ -41,7 +44,7 @@ def build_model(cfg: RunConfig, tokenizer: CellTokenizer) -> ScFMForMaskedExpres
                         n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout, max_genes=cfg.data.max_genes,
                         condition_keys=tokenizer.condition_keys,
                         condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=m.pooling, mvc=m.mvc,
-                        generative_mask=m.generative_mask)
+                        generative_mask=m.generative_mask, zero_fraction=cfg.data.zero_fraction)
     torch.manual_seed(cfg.train.seed)  # same seed, same initial weights
     return ScFMForMaskedExpression(config)
 
@@ -54,27 +57,62 @@ def export_pretrained(tokenizer: CellTokenizer):
     return export
 
 
+def corpus_path(cfg: RunConfig) -> Path | None:
+    """The corpus directory when data.paths names one (a directory holding manifest.json)."""
+    paths = cfg.data.resolved_paths()
+    corpora = [p for p in paths if is_corpus(p)]
+    if corpora and len(paths) > 1:
+        raise ValueError(f"data.paths mixes a corpus ({corpora[0]}) with other inputs; train from one corpus "
+                         "(build one from all inputs with `fm corpus build`)")
+    return corpora[0] if corpora else None
+
+
+def open_corpus(path: Path, cfg: RunConfig, tokenizer: CellTokenizer) -> tuple[CorpusDataset, CellTokenizer]:
+    """Stream a built corpus; the tokenizer's conditions come from its manifest (or map onto a checkpoint's)."""
+    manifest = load_manifest(path)
+    if manifest["vocab_sha256"] != tokenizer.vocab.sha256:
+        raise ValueError(f"{path}: built with another gene vocabulary (sha256 {manifest['vocab_sha256'][:12]}…) "
+                         f"than this model's ({tokenizer.vocab.sha256[:12]}…); rebuild the corpus")
+    if not cfg.model.init_from:
+        keys = cfg.data.conditions or manifest["condition_keys"]
+        tokenizer.condition_keys = list(keys)
+        tokenizer.condition_categories = {k: list(manifest["conditions"][k]) for k in keys
+                                          if k in manifest["conditions"]}
+    dataset = CorpusDataset(path, tokenizer.condition_keys, tokenizer.condition_categories,
+                            val_fraction=cfg.data.val_fraction, split_seed=cfg.train.seed,
+                            shuffle_buffer=cfg.data.shuffle_buffer)
+    log.info("corpus %s: %d cells in %d shards, conditions %s", path, len(dataset), len(dataset.sizes),
+             tokenizer.condition_keys)
+    return dataset, tokenizer
+
+
 def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | None = None) -> TrainResult:
     """The whole `fm pretrain` job; `cells` lets Python callers pass pre-tokenised data."""
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train)
     tokenizer = build_tokenizer(cfg)
-    if cells is None:
-        if not cfg.data.paths:
-            raise ValueError("data.paths is empty: name .h5ad files or directories in the recipe or as "
-                             "data.paths=[a.h5ad,b.h5ad]")
-        cells = encode_files(cfg.data.resolved_paths(), tokenizer, fit_conditions=not cfg.model.init_from)
-    train_cells, val_cells = split_cells(cells, cfg.data.val_fraction, cfg.train.seed)
+    corpus = corpus_path(cfg) if cells is None else None
+    if corpus is not None:
+        train_cells, tokenizer = open_corpus(corpus, cfg, tokenizer)
+        val_cells = train_cells.heldout()
+    else:
+        if cells is None:
+            if not cfg.data.paths:
+                raise ValueError("data.paths is empty: name .h5ad files or directories in the recipe or as "
+                                 "data.paths=[a.h5ad,b.h5ad]")
+            cells = encode_files(cfg.data.resolved_paths(), tokenizer, fit_conditions=not cfg.model.init_from)
+        train_cells, val_cells = split_cells(cells, cfg.data.val_fraction, cfg.train.seed)
     model = build_model(cfg, tokenizer)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("%d training cells, %d held out; model %.2fM parameters", len(train_cells),
+        log.info("%d training cells, %d held out; model %.2fM parameters",
+                 int(train_cells.train_counts.sum()) if corpus is not None else len(train_cells),
                  0 if val_cells is None else len(val_cells), n_params / 1e6)
     collator = CellCollator(n_bins=model.config.n_bins, max_genes=cfg.data.max_genes,
                             mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed,
-                            pad_token_id=model.config.pad_token_id)
+                            pad_token_id=model.config.pad_token_id, zero_fraction=model.config.zero_fraction)
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells,
                  export=export_pretrained(tokenizer), resume=resume, accelerator=accelerator,
                  num_workers=cfg.data.num_workers)

@@ -130,7 +130,12 @@ class GeneVocab:
         missing = hit < 0
         if missing.any():
             upper = sym[missing].str.upper()
-            ids[sym_pos[missing]] = self._resolve(self._upper_index[species], upper)
+            fallback = self._resolve(self._upper_index[species], upper)
+            # a case-insensitive hit never takes a gene that another name matched exactly
+            # (files holding both 'C1orf220' and 'C1ORF220' keep the exact one)
+            exact_ids = ids[ids >= 0]
+            fallback[np.isin(fallback, exact_ids)] = -1
+            ids[sym_pos[missing]] = fallback
         return ids
 
     def detect_species(self, names) -> str:

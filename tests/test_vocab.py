@@ -290,3 +290,12 @@ def test_build_is_reproducible(genes_dir, tmp_path):
     assert config["sources"] == {"human": "GENCODE v48", "mouse": "GENCODE M37"}
     assert set(config["source_sha256"]) == set(TABLES.values())
     shutil.rmtree(tmp_path)
+
+
+def test_case_fallback_never_steals_an_exact_match():
+    from fm.vocab import GeneVocab
+
+    vocab = GeneVocab.default()
+    ids = vocab.lookup(["TP53", "tp53", "Gapdh"], species="human")
+    assert ids[0] >= 0 and ids[1] == -1, "the exact symbol keeps the gene"
+    assert ids[2] == vocab.lookup(["GAPDH"], species="human")[0], "a lone case variant still matches"

@@ -34,9 +34,29 @@ def hashed_uniform(seed: int, epoch: int, cell: np.ndarray, position: np.ndarray
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def _fast_hashed_order(row: np.ndarray, keys: tuple) -> np.ndarray | None:
+    """lexsort((key, row)) for hashed keys (multiples of 2⁻⁵³ in [0, 1)) via one uint64 sort (~9x faster).
+
+    row << 53 | key·2⁵³ is an exact composite key while row < 2¹¹; where two composites tie, the
+    unstable sort could order them differently, so that case (and any other key) returns None.
+    """
+    (key,) = keys
+    if key.dtype != np.float64 or row.size == 0 or row.min() < 0 or row.max() >= 1 << 11:
+        return None
+    k = key * float(1 << 53)
+    if not (np.all(k >= 0) and np.all(k < float(1 << 53)) and np.array_equal(k, np.floor(k))):
+        return None
+    composite = (row.astype(np.uint64) << np.uint64(53)) | k.astype(np.uint64)
+    order = np.argsort(composite)
+    c = composite[order]
+    return None if np.any(c[1:] == c[:-1]) else order
+
+
 def _rank_within_rows(row: np.ndarray, *keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Order entries by row then keys (last key most significant after row); return order and rank in row."""
-    order = np.lexsort(keys + (row,))
+    order = _fast_hashed_order(row, keys) if len(keys) == 1 else None
+    if order is None:
+        order = np.lexsort(keys + (row,))
     sorted_rows = row[order]
     starts = np.searchsorted(sorted_rows, sorted_rows, side="left")
     rank = np.empty_like(order)

@@ -1,0 +1,319 @@
+"""Corpus build: many h5ad/zarr files (or generated cells) → Arrow shards + manifest.json, out of core.
+
+Layout of CORPUS/ (a Hugging Face `datasets` directory: `datasets.load_from_disk(CORPUS)` works):
+  data-SSSSS-KKKKK.arrow   shard K of source S: Arrow IPC stream, one row per cell —
+                           gene_ids list<int32> (vocab ids, sorted), counts list<float32> (raw),
+                           conditions list<int32> (ids into manifest["conditions"][key]; 0 = unknown),
+                           source_id int32 (index into manifest["sources"]), cell_id string
+                           (+ label columns such as cell_type/batch for synthetic corpora)
+  manifest.json            n_cells, shards (cells each, in global-index order), vocab hash,
+                           condition mappings, per-source stats, skipped inputs; written last
+  build.json               the build's inputs and parameters: a re-run with the same ones resumes
+  state.json, dataset_info.json   for datasets.load_from_disk
+
+Conditions are stored as ids with their category lists in the manifest (not strings): ids are what
+training needs, and a fine-tune re-maps them through the lists (see streaming.CorpusDataset).
+Shard K of a source holds its input rows [K·shard_size, (K+1)·shard_size) minus filtered cells, so a
+shard is a pure function of (input, parameters): an interrupted build keeps its finished shards and
+redoes only the rest; every shard is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from fm.tokenizer import UNKNOWN_CONDITION, CellTokenizer, EncodedCells, subset_cells
+
+log = logging.getLogger("fm")
+MANIFEST, BUILD = "manifest.json", "build.json"
+FORMAT = {"name": "scfm-corpus", "version": 1}
+
+
+def row_schema(labels: Sequence[str] = ()) -> pa.Schema:
+    return pa.schema([pa.field("gene_ids", pa.list_(pa.int32())), pa.field("counts", pa.list_(pa.float32())),
+                      pa.field("conditions", pa.list_(pa.int32())), pa.field("source_id", pa.int32()),
+                      pa.field("cell_id", pa.string())] + [pa.field(k, pa.string()) for k in labels])
+
+
+def to_record_batch(cells: EncodedCells, source_id: int, schema: pa.Schema, labels: dict | None = None) -> pa.RecordBatch:
+    n, c = cells.conditions.shape
+    lists = [pa.ListArray.from_arrays(pa.array(cells.indptr.astype(np.int32)), pa.array(cells.gene_ids.astype(np.int32))),
+             pa.ListArray.from_arrays(pa.array(cells.indptr.astype(np.int32)), pa.array(cells.counts.astype(np.float32))),
+             pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * c),
+                                      pa.array(cells.conditions.ravel().astype(np.int32)))]
+    cols = lists + [pa.array(np.full(n, source_id, np.int32)), pa.array(cells.obs_names.astype(str))]
+    cols += [pa.array(np.asarray(labels[f.name]).astype(str)) for f in schema if f.name in (labels or {})]
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def write_shard(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> dict:
+    """Stream record batches into `path` atomically (temp name, then rename); returns cells and nnz."""
+    tmp = path.with_name(path.name + ".tmp")
+    n = nnz = 0
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+                n += batch.num_rows
+                nnz += len(batch.column(0).values)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"n_cells": n, "nnz": nnz}
+
+
+def read_shard(path: Path) -> pa.Table:
+    """A shard as an Arrow table over a memory map (nothing is read until touched)."""
+    return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+
+
+def shard_stats(path: Path) -> dict:
+    table = read_shard(path)
+    return {"n_cells": table.num_rows, "nnz": sum(len(c.values) for c in table.column("gene_ids").chunks)}
+
+
+def expand_inputs(inputs: Sequence) -> list:
+    """Files (.h5ad, .zarr), directories of them (sorted), or in-memory AnnData objects."""
+    out = []
+    for item in inputs:
+        if not isinstance(item, (str, os.PathLike)):
+            out.append(item)  # an AnnData
+            continue
+        p = Path(item)
+        if p.is_dir() and p.suffix != ".zarr":
+            found = sorted(list(p.glob("*.h5ad")) + list(p.glob("*.zarr")))
+            if not found:
+                raise FileNotFoundError(f"{p}: no .h5ad or .zarr files in this directory")
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"corpus input not found: {p}")
+    return out
+
+
+def open_input(item, backed: bool = True):
+    """AnnData for a path (h5ad backed, zarr lazily) or the object itself; errors name the path."""
+    if not isinstance(item, Path):
+        return item
+    if item.suffix == ".zarr":
+        import anndata as ad
+        try:
+            return ad.read_zarr(item)
+        except Exception as e:
+            raise ValueError(f"{item}: cannot read this zarr store ({type(e).__name__}: {e})") from e
+    from fm.data.sources import open_anndata
+    return open_anndata(item, backed=backed)
+
+
+def _name(item, i: int) -> str:
+    return str(item) if isinstance(item, Path) else f"<AnnData #{i}>"
+
+
+def _fingerprint(item, i: int) -> dict:
+    if isinstance(item, Path):
+        st = item.stat()
+        return {"path": str(item.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": _name(item, i), "shape": list(item.shape)}
+
+
+def _file_tokenizer(adata, gene_key, keys, categories, min_match) -> tuple[CellTokenizer, list[int]]:
+    """Tokenizer for one file: gene_key if the file has that var column, its own condition columns."""
+    present = [j for j, k in enumerate(keys) if k in adata.obs.columns]
+    use_key = gene_key if gene_key and gene_key in adata.var.columns else None
+    tok = CellTokenizer(condition_keys=[keys[j] for j in present], condition_categories=categories,
+                        gene_key=use_key, min_matched_fraction=min_match)
+    return tok, present
+
+
+def _shard_path(out: Path, source_id: int, k: int) -> Path:
+    return out / f"data-{source_id:05d}-{k:05d}.arrow"
+
+
+def _build_source(job: dict, hook: Callable | None = None) -> dict:
+    """Encode one input into its shards (skipping finished ones); an error is returned, not raised."""
+    out, sid, name = Path(job["out"]), job["source_id"], job["name"]
+    try:
+        adata = open_input(job["item"])
+        tok, present = _file_tokenizer(adata, job["gene_key"], job["keys"], job["categories"], job["min_match"])
+        schema = row_schema()
+        shards = []
+        for k, lo in enumerate(range(0, adata.n_obs, job["shard_size"])):
+            hi = min(lo + job["shard_size"], adata.n_obs)
+            path = _shard_path(out, sid, k)
+            if path.is_file():
+                stats = shard_stats(path)
+            else:
+                def batches(lo=lo, hi=hi):
+                    for part in tok.iter_encoded(adata[lo:hi], source=name, chunk_size=job["chunk_size"], drop_empty=True):
+                        keep = np.flatnonzero(np.diff(part.indptr) >= job["min_genes"])
+                        part = part if keep.size == len(part) else subset_cells(part, keep)
+                        full = np.zeros((len(part), len(job["keys"])), np.int64)
+                        full[:, present] = part.conditions
+                        part.conditions = full
+                        yield to_record_batch(part, sid, schema)
+                stats = write_shard(path, schema, batches())
+                if hook is not None:
+                    hook(path)
+            shards.append({"file": path.name, "source_id": sid, "rows": [lo, hi], **stats})
+        match = tok.match_genes(adata, name)
+        if getattr(adata, "isbacked", False):
+            adata.file.close()
+        return {"shards": shards, "species": match.species, "genes_matched": match.n_matched,
+                "genes_total": match.n_total, "gene_key": tok.gene_key, "n_obs": int(adata.n_obs)}
+    except Exception as e:  # any input problem: reported with its path; the caller skips or stops
+        msg = str(e) if name in str(e) else f"{name}: {e}"
+        return {"error": f"{type(e).__name__}: {msg}"}
+
+
+def _remove_source_shards(out: Path, sid: int) -> None:
+    for p in out.glob(f"data-{sid:05d}-*.arrow"):
+        p.unlink()
+
+
+def _check_build(out: Path, build: dict) -> None:
+    """Refuse to mix two different builds in one directory; otherwise resume."""
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob("*.tmp"):  # left by a killed process: never a finished shard
+        tmp.unlink()
+    path = out / BUILD
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != build:
+            raise FileExistsError(f"{out} holds a corpus built from other inputs or parameters ({path}); "
+                                  "choose another --output or delete it")
+    else:
+        _atomic_write(path, build)
+
+
+def _atomic_write(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _run_jobs(jobs: list[dict], worker: Callable, workers: int, hook: Callable | None):
+    """Yield (job, result) in job order; several processes when workers > 1."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, worker(job, hook)
+        return
+    # fork: workers inherit the imports (spawn re-imports torch per worker, ~10 s on a busy 2-core box);
+    # inputs are opened only inside the workers, so no HDF5 handle crosses the fork
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
+        futures = [pool.submit(worker, job) for job in jobs]
+        try:
+            for job, f in zip(jobs, futures):
+                yield job, f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+
+
+def build_corpus(inputs: Sequence, output: str | Path, conditions: Sequence[str] = (), gene_key: str | None = None,
+                 min_genes: int = 1, shard_size: int = 10_000, workers: int = 1, on_error: str = "stop",
+                 min_matched_fraction: float = 0.2, chunk_size: int = 2048, hook: Callable | None = None) -> dict:
+    """Build (or resume) a corpus; returns the manifest. See the module docstring for the layout.
+
+    Filters: cells with fewer than `min_genes` nonzero vocabulary genes are dropped (counted per source).
+    `gene_key`: var column used when a file has it, else var_names. `on_error`: 'skip' reports a bad
+    input (with its path) and leaves it out; 'stop' raises. `hook(shard_path)` runs after each shard
+    (tests use it to simulate an interruption).
+    """
+    if on_error not in ("skip", "stop"):
+        raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
+    out, keys = Path(output), list(conditions)
+    items = expand_inputs(inputs)
+    build = {"format": FORMAT, "inputs": [_fingerprint(it, i) for i, it in enumerate(items)], "conditions": keys,
+             "gene_key": gene_key, "min_genes": min_genes, "shard_size": shard_size,
+             "min_matched_fraction": min_matched_fraction}
+    _check_build(out, build)
+    vocab_tok = CellTokenizer(condition_keys=keys)
+    skipped, jobs = [], []
+    for sid, item in enumerate(items):  # plan: open each input, check its genes, fit condition categories
+        name = _name(item, sid)
+        try:
+            adata = open_input(item)
+            tok, present = _file_tokenizer(adata, gene_key, keys, {}, min_matched_fraction)
+            tok.match_genes(adata, name)
+            missing = [k for k in keys if k not in adata.obs.columns]
+            if missing:
+                log.warning("%s: obs has no %s; those conditions are '%s' for its cells", name, missing, UNKNOWN_CONDITION)
+            vocab_tok.condition_keys = [keys[j] for j in present]
+            vocab_tok.fit_conditions(adata.obs, name)
+            if getattr(adata, "isbacked", False):
+                adata.file.close()
+        except Exception as e:
+            skipped.append(_fail(out, sid, name, f"{type(e).__name__}: {e}", on_error))
+            continue
+        jobs.append({"item": item, "source_id": sid, "name": name, "out": str(out), "gene_key": gene_key, "keys": keys,
+                     "min_match": min_matched_fraction, "shard_size": shard_size, "min_genes": min_genes,
+                     "chunk_size": chunk_size})
+    categories = {k: vocab_tok.condition_categories.get(k, [UNKNOWN_CONDITION]) for k in keys}
+    for job in jobs:
+        job["categories"] = categories
+    in_process = any(not isinstance(j["item"], Path) for j in jobs)  # AnnData objects are not shipped to workers
+    sources, shards = [], []
+    for job, res in _run_jobs(jobs, _build_source, 1 if in_process else workers, hook):
+        if "error" in res:
+            skipped.append(_fail(out, job["source_id"], job["name"], res["error"], on_error))
+            continue
+        sh = res.pop("shards")
+        shards.extend(sh)
+        n_cells = sum(s["n_cells"] for s in sh)
+        sources.append({"source_id": job["source_id"], "path": job["name"], **res, "n_cells": n_cells,
+                        "n_filtered": res["n_obs"] - n_cells, "nnz": sum(s["nnz"] for s in sh), "n_shards": len(sh)})
+        log.info("%s: %d cells (%d filtered) in %d shards", job["name"], n_cells, res["n_obs"] - n_cells, len(sh))
+    return finish_manifest(out, shards, sources, skipped, keys, categories, vocab_tok.vocab,
+                           filters={"min_genes": min_genes, "min_matched_fraction": min_matched_fraction})
+
+
+def _fail(out: Path, sid: int, name: str, error: str, on_error: str) -> dict:
+    _remove_source_shards(out, sid)  # a skipped input leaves no shards behind
+    if on_error == "stop":
+        raise ValueError(f"{error} (stopped; pass --on-error skip to leave this input out)")
+    log.error("skipping %s — %s", name, error)
+    return {"source_id": sid, "path": name, "error": error}
+
+
+def finish_manifest(out: Path, shards: list[dict], sources: list[dict], skipped: list[dict], keys: list[str],
+                    categories: dict, vocab, filters: dict, labels: Sequence[str] = (), extra: dict | None = None) -> dict:
+    """Write manifest.json (last, atomically) and the datasets files; returns the manifest."""
+    shards = sorted(shards, key=lambda s: s["file"])
+    manifest = {"format": FORMAT, "n_cells": sum(s["n_cells"] for s in shards), "n_shards": len(shards),
+                "nnz": sum(s["nnz"] for s in shards), "vocab_sha256": vocab.sha256, "vocab_size": len(vocab),
+                "condition_keys": keys, "conditions": categories, "labels": list(labels), "filters": filters,
+                "shards": shards, "sources": sources, "skipped": skipped, **(extra or {})}
+    value = lambda t: {"dtype": t, "_type": "Value"}  # noqa: E731  (datasets' Features JSON, without importing it)
+    features = {"gene_ids": {"feature": value("int32"), "_type": "List"},
+                "counts": {"feature": value("float32"), "_type": "List"},
+                "conditions": {"feature": value("int32"), "_type": "List"},
+                "source_id": value("int32"), "cell_id": value("string"), **{k: value("string") for k in labels}}
+    _atomic_write(out / "dataset_info.json", {"description": "scfm corpus (see manifest.json)", "features": features})
+    _atomic_write(out / "state.json", {"_data_files": [{"filename": s["file"]} for s in shards],
+                                       "_fingerprint": vocab.sha256[:16] + f"{manifest['n_cells']:x}",
+                                       "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+                                       "_output_all_columns": False, "_split": None})
+    _atomic_write(out / MANIFEST, manifest)
+    return manifest
+
+
+def load_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path}: no {MANIFEST} — not a finished corpus (build it with `fm corpus build`, "
+                                "or re-run the same build to resume it)")
+    return json.loads((path / MANIFEST).read_text())
+
+
+def is_corpus(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
