@@ -57,8 +57,8 @@ def _rank_within_rows(row: np.ndarray, *keys: np.ndarray) -> tuple[np.ndarray, n
     order = _fast_hashed_order(row, keys) if len(keys) == 1 else None
     if order is None:
         order = np.lexsort(keys + (row,))
-    sorted_rows = row[order]
-    starts = np.searchsorted(sorted_rows, sorted_rows, side="left")
+    per_row = np.bincount(row) if row.size else np.zeros(0, np.int64)
+    starts = np.repeat(np.cumsum(per_row) - per_row, per_row)  # O(n): rows are contiguous once sorted
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size) - starts
     return order, rank
@@ -94,22 +94,77 @@ class CellCollator:
     def pad_value_id(self) -> int:
         return self.n_bins + 1
 
-    def _zero_genes(self, row: dict, n_zero: int) -> np.ndarray:
-        """`n_zero` measured genes this cell does not express: random per (seed, epoch, cell) in
-        training, a fixed gene priority at inference (so a cell's tokens never depend on its batch)."""
-        panel, expressed = row["panel"], row["gene_ids"]
+    def _zero_genes(self, rows: list[dict], n_zero: np.ndarray, genes: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+        """`n_zero[i]` measured genes cell i does not express, concatenated in row order.
+
+        Training draws them at random per (seed, epoch, cell); inference walks a fixed gene
+        priority, so a cell's tokens never depend on its batch. Vectorised over the batch: draw
+        candidates, drop expressed or repeated ones, keep the first n_zero[i] of each cell.
+        """
+        cells = np.flatnonzero(n_zero)
+        panel_list, panel_idx = [], []
+        for i in cells:  # distinct panels (cells of one source share one array)
+            p = rows[i]["panel"]
+            for j, q in enumerate(panel_list):
+                if q is p:
+                    panel_idx.append(j)
+                    break
+            else:
+                panel_idx.append(len(panel_list))
+                panel_list.append(p)
+        if not self.train:
+            panel_list = [self._priority_order(p) for p in panel_list]
+        offsets = np.cumsum([0] + [len(p) for p in panel_list])
+        flat = np.concatenate(panel_list).astype(np.int64)
+        sizes = np.diff(offsets)[panel_idx]
+        n_expr = np.diff(indptr)[cells]
+        want = n_zero[cells]
+        # candidates: 2·n + 16 random draws (train) or the first n + n_expressed by priority (inference)
+        m = 2 * want + 16 if self.train else np.minimum(want + n_expr, sizes)
+        owner = np.repeat(np.arange(len(cells)), m)
+        k = np.arange(m.sum()) - np.repeat(np.cumsum(m) - m, m)
         if self.train:
-            m = 2 * n_zero + 16  # a few spare draws; expressed or repeated draws are dropped
-            u = hashed_uniform(self.seed, self.epoch, np.full(m, row["index"]), np.arange(m), salt=3)
-            draw = panel[(u * len(panel)).astype(np.int64)]
-            draw = draw[~_contains(expressed, draw)]
-            _, first = np.unique(draw, return_index=True)
-            draw = draw[np.sort(first)]
-            if len(draw) >= n_zero:
-                return draw[:n_zero]
-        off = panel[~_contains(expressed, panel)]
-        priority = hashed_uniform(self.seed, 0, np.zeros(len(off), np.int64), off, salt=4)
-        return off[np.argsort(priority, kind="stable")[:n_zero]]
+            index = np.array([rows[i]["index"] for i in cells], dtype=np.int64)
+            u = hashed_uniform(self.seed, self.epoch, index[owner], k, salt=3)
+            k = (u * sizes[owner]).astype(np.int64)
+        candidate = flat[offsets[np.asarray(panel_idx)][owner] + k]
+        # drop genes the cell expresses: one searchsorted on (row, gene) composite keys
+        expressed_key = np.repeat(np.arange(len(rows)), np.diff(indptr)) * (1 << 32) + genes
+        ckey = cells[owner] * (1 << 32) + candidate
+        pos = np.minimum(np.searchsorted(expressed_key, ckey), max(len(expressed_key) - 1, 0))
+        fresh = expressed_key[pos] != ckey if len(expressed_key) else np.ones(len(ckey), bool)
+        ckey, owner = ckey[fresh], owner[fresh]
+        _, first = np.unique(ckey, return_index=True)  # repeated draws: keep the earliest
+        first = np.sort(first)
+        owner, candidate = owner[first], ckey[first] - cells[owner[first]] * (1 << 32)
+        _, rank = _rank_within_rows(owner, np.arange(len(owner)))
+        take = rank < want[owner]
+        got = np.bincount(owner[take], minlength=len(cells))
+        if np.any(got < want):  # nearly fully expressed panels: the exhaustive path for those cells
+            return self._zero_genes_exhaustive(rows, n_zero, got, cells, owner[take], candidate[take])
+        return candidate[take]
+
+    def _zero_genes_exhaustive(self, rows, n_zero, got, cells, owner, candidate) -> np.ndarray:
+        out = []
+        for j, i in enumerate(cells):
+            if got[j] >= n_zero[i]:
+                out.append(candidate[owner == j])
+                continue
+            panel, expressed = rows[i]["panel"], rows[i]["gene_ids"]
+            off = panel[~np.isin(panel, expressed)]
+            priority = hashed_uniform(self.seed, self.epoch if self.train else 0,
+                                      np.full(len(off), rows[i]["index"] if self.train else 0), off, salt=4)
+            out.append(off[np.argsort(priority, kind="stable")[: n_zero[i]]].astype(np.int64))
+        return np.concatenate(out)
+
+    def _priority_order(self, panel: np.ndarray) -> np.ndarray:
+        """A panel's genes in a fixed hashed order (cached: panels are shared arrays)."""
+        cache = self.__dict__.setdefault("_priority_cache", {})
+        key = (id(panel), len(panel))
+        if key not in cache:
+            priority = hashed_uniform(self.seed, 0, np.zeros(len(panel), np.int64), panel, salt=4)
+            cache[key] = (panel, panel[np.argsort(priority, kind="stable")])
+        return cache[key][1]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         lengths = np.array([len(r["gene_ids"]) for r in rows], dtype=np.int64)
@@ -133,7 +188,7 @@ class CellCollator:
             _, rank = _rank_within_rows(row, genes, -counts)
         keep = rank < budget[row]
         kept_expressed = np.minimum(lengths, budget)
-        zeros = [self._zero_genes(r, z) for r, z in zip(rows, n_zero) if z]
+        zeros = [self._zero_genes(rows, n_zero, genes, indptr)] if n_zero.any() else []
         zero_rows = np.repeat(np.arange(len(rows)), n_zero)
         r = np.concatenate([row[keep], zero_rows])
         c = np.concatenate([rank[keep], np.arange(zero_rows.size) - np.repeat(np.cumsum(n_zero) - n_zero, n_zero)
@@ -163,9 +218,3 @@ class CellCollator:
         return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
-def _contains(sorted_values: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Membership of `query` in a sorted array (a cell's gene ids are stored sorted)."""
-    if len(sorted_values) == 0:
-        return np.zeros(len(query), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_values, query), len(sorted_values) - 1)
-    return sorted_values[pos] == query
