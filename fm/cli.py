@@ -1,4 +1,4 @@
-"""`fm` command line: pretrain | embed | demo."""
+"""`fm` command line: pretrain | embed | demo | corpus."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,14 @@ def _cmd_pretrain(args) -> int:
 
     cfg = load_config(recipe_path(args.recipe), args.overrides)
     result = run_pretraining(cfg, resume=args.resume)
+    from fm.train import EXIT_PREEMPTED
+    code = EXIT_PREEMPTED if result.stopped else 0  # SIGTERM: checkpoint saved; the job script requeues
+    if os.environ.get("RANK", "0") != "0":  # one summary per job, from rank 0
+        return code
+    if result.stopped:
+        print(f"stopped by signal at step {result.step}; checkpoint saved in {cfg.train.output_dir}; "
+              "rerun with --resume")
+        return code
     if result.history:
         first, last = result.history[0], result.history[-1]
         print(f"steps {result.step}; loss {first['loss']:.4f} (step {int(first['step'])}) → "
@@ -84,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=50")
     p.set_defaults(func=_cmd_demo)
+    __import__("fm.eval.cli", fromlist=["add_eval_parser"]).add_eval_parser(sub)
+    __import__("fm.data.corpus_cli", fromlist=["add_corpus_parser"]).add_corpus_parser(sub)
     return parser
 
 

@@ -5,16 +5,22 @@ Batch arithmetic: a micro-batch is `batch_size` cells on one process; an optimiz
 cells. Data order is ours, not accelerate's: `ShardedBatchSampler` deals each process a disjoint
 slice of a (seed, epoch) permutation, so resuming at micro-batch k is exact and a 2-process run
 sees the same global batches as a 1-process run with twice the batch.
+
+Distributed engines come from the launcher (accelerate config: DDP, DeepSpeed ZeRO-1/2/3), never
+from code paths of our own. What this file adds on top (see README "Multi-node training"):
+- the LR schedule is stepped once per optimizer step, whatever the world size (accelerate's
+  default steps it world-size times per step, which changes the schedule with the process count);
+- DeepSpeed's "auto" batch, accumulation and clipping values are filled from TrainConfig;
+- SIGTERM → checkpoint at the next step boundary on all ranks → return `stopped=True`;
+- the data position is stored in cells, so `--resume` with another world size (and the same
+  global batch, e.g. twice the per-process batch on half the processes) continues at the same cell.
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,10 +33,10 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from fm.config import TrainConfig
+from fm.train_state import (CHECKPOINTS, EXIT_PREEMPTED, STATE_FILE, StopSignal, append_history, latest_checkpoint,
+                            log_eval, open_history, process_counters, read_state, save_checkpoint)
 
 log = logging.getLogger("fm")
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -42,7 +48,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.seed, self.epoch, self.start_batch, self.shuffle = seed, epoch, start_batch, shuffle
 
     def __len__(self) -> int:  # full global batches only (drop_last): every rank steps the same count
-        return self.n // (self.batch_size * self.world) - self.start_batch
+        return max(self.n // (self.batch_size * self.world) - self.start_batch, 0)
 
     def __iter__(self):
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
@@ -57,7 +63,8 @@ def make_batch_sampler(dataset, batch_size: int, world: int, rank: int, seed: in
                        start_batch: int) -> Sampler[list[int]]:
     """The dataset's own sampler if it has one (e.g. a sharded corpus reading disjoint shards per
     rank), else ShardedBatchSampler. Contract: every rank yields the same number of batches, the
-    order is a function of (seed, epoch), and `start_batch` skips that many of this rank's batches."""
+    order is a function of (seed, epoch), and `start_batch` skips that many global micro-batches
+    (this rank's share of each)."""
     if hasattr(dataset, "batch_sampler"):
         return dataset.batch_sampler(batch_size, world, rank, seed, epoch, start_batch)
     return ShardedBatchSampler(len(dataset), batch_size, world, rank, seed, epoch, start_batch)
@@ -68,6 +75,10 @@ class TrainResult:
     step: int
     history: list[dict] = field(default_factory=list)
     export_dir: Path | None = None
+    stopped: bool = False
+    """True when a signal stopped the run after a checkpoint (exit code EXIT_PREEMPTED; rerun with --resume)."""
+    model: Any = field(default=None, repr=False)
+    """The trained, accelerate-prepared model (DDP/DeepSpeed-wrapped; `accelerator.unwrap_model` it)."""
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -75,12 +86,21 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    launcher_mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's config: not the source
+    if launcher_mp not in ("no", cfg.mixed_precision):
+        log.warning("accelerate config says mixed_precision=%s; the recipe's train.mixed_precision=%s is used",
+                    launcher_mp, cfg.mixed_precision)
+    # step_scheduler_with_optimizer=False: we step the schedule once per optimizer step ourselves;
+    # accelerate's default would step it num_processes times, so LR would depend on the world size
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              kwargs_handlers=handlers)
-    if accelerator.state.deepspeed_plugin is not None:  # we do not prepare a dataloader: tell DeepSpeed
+                              step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    if accelerator.state.deepspeed_plugin is not None:  # we prepare no dataloader: fill DeepSpeed's "auto"s
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
         ds["gradient_accumulation_steps"] = cfg.grad_accum
+        ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+        if ds.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside engine.step()
+            ds["gradient_clipping"] = cfg.max_grad_norm
     return accelerator
 
 
@@ -94,12 +114,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted((output_dir / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]  # a checkpoint without state is unfinished
-    return ckpts[-1] if ckpts else None
-
-
 def _loss_parts(output: Any) -> dict[str, torch.Tensor]:
     """Every scalar `*loss` field of a model output (loss, gep_loss, mvc_loss, …)."""
     items = output.items() if hasattr(output, "items") else vars(output).items()
@@ -111,7 +125,7 @@ def evaluate(model, accelerator: Accelerator, dataset, collator, batch_size: int
     if dataset is None or len(dataset) == 0:
         return {}
     model.eval()
-    collator = type(collator)(**{**collator.__dict__, "epoch": 0})
+    collator = replace(collator, epoch=0)  # fixed masks for every evaluation
     sampler = ShardedBatchSampler(len(dataset), batch_size, accelerator.num_processes,
                                   accelerator.process_index, shuffle=False)
     sums: dict[str, torch.Tensor] = {}
@@ -128,6 +142,24 @@ def evaluate(model, accelerator: Accelerator, dataset, collator, batch_size: int
     keys = sorted(sums)
     total = accelerator.reduce(torch.stack([sums[k] for k in keys] + [n]), reduction="sum")
     return {f"eval_{k}": float(total[i] / max(float(total[-1]), 1.0)) for i, k in enumerate(keys)}
+
+
+def _resume_position(state: dict, cfg: TrainConfig, world: int, micro_per_epoch: int) -> tuple[int, int]:
+    """(epoch, global micro-batches to skip in it) for this launch's batch size and world size."""
+    micro_batch = cfg.batch_size * world  # cells per global micro-batch now
+    if "cells_in_epoch" not in state:  # checkpoint from before positions were stored in cells
+        return divmod(state["step"] * cfg.grad_accum, micro_per_epoch)
+    offset, rest = divmod(state["cells_in_epoch"], micro_batch)
+    if rest:
+        log.warning("resume: %d cells into epoch %d is not a whole global micro-batch of %d; %d cells are "
+                    "seen again", state["cells_in_epoch"], state["epoch"], micro_batch, rest)
+    global_batch = micro_batch * cfg.grad_accum
+    if state.get("global_batch", global_batch) != global_batch:
+        log.warning("resume: global batch %d (batch_size %d × grad_accum %d × %d processes) differs from the "
+                    "checkpoint's %d; keep it equal (scale train.batch_size or train.grad_accum) to continue "
+                    "the same optimisation", global_batch, cfg.batch_size, cfg.grad_accum, world,
+                    state["global_batch"])
+    return state["epoch"], offset
 
 
 def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_dataset=None,
@@ -151,87 +183,99 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
     if micro_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training cells cannot fill one global batch of "
                          f"{cfg.batch_size} × {world} processes; lower train.batch_size")
-    step = 0
+    step, epoch, offset = 0, 0, 0
     if resume and (ckpt := latest_checkpoint(out)) is not None:
         accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / STATE_FILE).read_text())["step"]
-        log.info("resumed from %s at step %d", ckpt, step)
+        state = read_state(ckpt)
+        step = state["step"]
+        epoch, offset = _resume_position(state, cfg, world, micro_per_epoch)
+        log.info("resumed from %s at step %d (epoch %d, global micro-batch %d, %d processes; saved by %s)",
+                 ckpt, step, epoch, offset, world, state.get("world_size", "?"))
     elif resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
-    history = _open_history(out / "train_log.csv", step, accelerator.is_main_process)
+    history = open_history(out / "train_log.csv", step, accelerator.is_main_process)
+
+    def position() -> dict:  # what a checkpoint needs to continue at the same cell, on any world size
+        return {"epoch": epoch, "cells_in_epoch": offset * cfg.batch_size * world, "world_size": world,
+                "distributed_type": str(accelerator.distributed_type.value), "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum, "global_batch": cfg.batch_size * cfg.grad_accum * world,
+                "processes": process_counters(accelerator, seen_micro, seen_cells)}
 
     model.train()
-    micro = step * cfg.grad_accum
+    micro, seen_micro, seen_cells, stopped = step * cfg.grad_accum, 0, 0, False
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
                desc="train", dynamic_ncols=True)
     t0, cells, tokens, parts_sum, n_parts = time.perf_counter(), 0, 0, {}, 0
-    while step < cfg.max_steps:
-        epoch, offset = divmod(micro, micro_per_epoch)
-        collator.epoch = epoch
-        sampler = make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, epoch, offset)
-        # a private generator: creating an iterator must not consume the global RNG (dropout), or a
-        # resumed run would diverge from an uninterrupted one
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        for batch in loader:
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                output = model(**batch)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            cells += batch["gene_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
-            for k, v in _loss_parts(output).items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
-            n_parts += 1
-            if micro % cfg.grad_accum:
-                continue
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step in (1, cfg.max_steps):
-                row = _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tokens, t0)
-                history.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                _append_history(out / "train_log.csv", row, accelerator.is_main_process)
-                parts_sum, n_parts = {}, 0
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                _log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size), accelerator)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                save_checkpoint(accelerator, out, step, cfg.save_total_limit)
-            if step >= cfg.max_steps:
-                break
+    with StopSignal() as stop:
+        while step < cfg.max_steps and not stopped:
+            collator.epoch = epoch
+            sampler = make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, epoch, offset)
+            # a private generator: creating an iterator must not consume the global RNG (dropout), or a
+            # resumed run would diverge from an uninterrupted one
+            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                                generator=torch.Generator().manual_seed(cfg.seed))
+            for batch in loader:
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                with accelerator.accumulate(model):
+                    output = model(**batch)
+                    accelerator.backward(output.loss)  # DeepSpeed: engine.backward (+ engine.step at the boundary)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # DeepSpeed: no-op
+                    optimizer.step()  # no-op under DeepSpeed (its engine stepped); skipped between boundaries
+                    if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                        scheduler.step()  # once per optimizer step on every world size
+                    optimizer.zero_grad(set_to_none=True)
+                micro, offset, seen_micro = micro + 1, offset + 1, seen_micro + 1
+                cells += batch["gene_ids"].shape[0]
+                seen_cells += batch["gene_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+                for k, v in _loss_parts(output).items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+                n_parts += 1
+                if micro % cfg.grad_accum:
+                    continue
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step in (1, cfg.max_steps):
+                    row = _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tokens, t0)
+                    history.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    append_history(out / "train_log.csv", row, accelerator.is_main_process)
+                    parts_sum, n_parts = {}, 0
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size),
+                             accelerator)
+                stopped = stop.requested(accelerator)  # all ranks agree: any rank's signal stops every rank
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopped:
+                    save_checkpoint(accelerator, out, step, cfg.save_total_limit, position())
+                if step >= cfg.max_steps or stopped:
+                    break
+            else:  # the epoch ran out
+                epoch, offset = epoch + 1, 0
     bar.close()
-    _log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size), accelerator)
+    if stopped:
+        log.warning("stopped by signal after step %d; checkpoint saved, continue with --resume (exit code %d)",
+                    step, EXIT_PREEMPTED)
+        return TrainResult(step, history, None, stopped=True, model=model)
+    log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size), accelerator)
     export_dir = None
     if export is not None:
         export_dir = out / "model"
-        state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; None on non-main ranks
+        # collective: every rank must call it (ZeRO-3 gathers the shards); non-main ranks get None
+        state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             export(accelerator.unwrap_model(model), state_dict, export_dir)
     accelerator.wait_for_everyone()
-    return TrainResult(step, history, export_dir)
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> Path:
-    """accelerate.save_state + our step counter; the state file is written last, marking it complete."""
-    ckpt = out / CHECKPOINTS / f"step_{step}"
-    accelerator.save_state(str(ckpt))
-    if accelerator.is_main_process:
-        (ckpt / STATE_FILE).write_text(json.dumps({"step": step}))
-        done = sorted((out / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return ckpt
+    return TrainResult(step, history, export_dir, model=model)
 
 
 def _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tokens, t0) -> dict:
-    """Loss parts averaged over the micro-batches since the last row and over processes."""
+    """Loss parts averaged over the micro-batches since the last row and over processes.
+
+    The mean over ranks of each rank's mean loss is the loss DDP/ZeRO differentiate (gradients are
+    averaged over ranks). It equals the 1-process loss on the same global batch when every rank
+    scores as many masked tokens (cells with ≥ max_genes expressed genes); otherwise the two are
+    differently weighted means and differ slightly."""
     keys = sorted(parts_sum)
     values = accelerator.reduce(torch.stack([parts_sum[k] for k in keys]), reduction="mean") if keys else []
     n = max(n_parts, 1)
@@ -243,37 +287,6 @@ def _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tok
     return row
 
 
-def _open_history(path: Path, step: int, main: bool) -> list[dict]:
-    """Rows up to `step` from an earlier run (a resumed run rewrites what came after)."""
-    rows = []
-    if path.is_file():
-        with path.open() as f:
-            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if float(r["step"]) <= step]
-    if main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-        for r in rows:
-            _append_history(path, r, main)
-    return rows
-
-
-def _append_history(path: Path, row: dict, main: bool) -> None:
-    if not main:
-        return
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _log_eval(out: Path, step: int, metrics: dict, accelerator: Accelerator) -> None:
-    if metrics and accelerator.is_main_process:
-        log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        with (out / "eval_log.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-__all__ = ["ShardedBatchSampler", "make_batch_sampler", "TrainResult", "evaluate", "latest_checkpoint", "make_accelerator",
+__all__ = ["CHECKPOINTS", "STATE_FILE", "EXIT_PREEMPTED", "ShardedBatchSampler",
+           "make_batch_sampler", "TrainResult", "evaluate", "latest_checkpoint", "make_accelerator",
            "save_checkpoint", "train"]

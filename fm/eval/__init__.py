@@ -1,0 +1,16 @@
+"""`fm eval`: benchmark suites (annotation, batch correction, imputation, modality prediction,
+cell–cell communication) comparing classical baselines, controls and FM checkpoints.
+
+Layout: registry (task name → module), context (what every task shares: data loading, splits,
+normalisation, FM embeddings), harness (suite YAML → results DataFrame), report (CSV, markdown,
+plots, meta.json), tasks/ (one module per task). Heavy libraries are imported inside functions.
+"""
+from __future__ import annotations
+
+__all__ = ["run_suite"]
+
+
+def run_suite(*args, **kwargs):
+    from fm.eval.harness import run_suite as _run
+
+    return _run(*args, **kwargs)

@@ -1,0 +1,24 @@
+"""`fm eval SUITE.yaml … [--profile ci|cpu|full] [--model DIR …] --output DIR` (wired into fm/cli.py)."""
+from __future__ import annotations
+
+
+def _cmd_eval(args) -> int:
+    from fm.eval.harness import run_suites
+
+    df = run_suites(args.suites, profile=args.profile, models=args.model or [], output_dir=args.output,
+                    seeds=args.seeds)
+    where = args.output if len(args.suites) == 1 else f"{args.output}/<task>"
+    print(f"{len(df)} result rows; wrote {where}/results.csv, results.md, plots and meta.json")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    """Register the `eval` subcommand on fm's subparsers."""
+    p = sub.add_parser("eval", help="benchmark suites: baselines, controls and FM checkpoints (needs the [eval] extra)")
+    p.add_argument("suites", nargs="+", help="suite YAML(s), e.g. eval/annotation.yaml; several → one subdir per task")
+    p.add_argument("--profile", default="cpu", choices=["ci", "cpu", "full"])
+    p.add_argument("--model", action="extend", nargs="+", default=None,
+                   help="exported model directory (repeatable); adds the FM methods of each suite")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the profile's seeds")
+    p.set_defaults(func=_cmd_eval)

@@ -1,0 +1,198 @@
+"""What every task shares, so that every method sees the same cells, genes and normalisation.
+
+One place for: reading a suite's dataset (with clear errors naming the file and the column),
+subsampling, fixed splits written as index files (and reused when present), log-normalisation,
+gene selection, and FM embeddings (cached per model and dataset).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("fm.eval")
+
+TARGET_SUM = 1e4  # counts per cell after normalize_total; CellTypist expects exactly this
+
+
+@dataclass
+class EvalContext:
+    """Run-wide settings handed to every task's `run()`.
+
+    caps: profile limits (max_cells, n_hvg, scvi_epochs, …); tasks read them with `cap()`.
+    """
+
+    output_dir: Path
+    profile: str
+    models: list[Path]
+    data_dir: Path
+    caps: dict
+    _models: dict = field(default_factory=dict, repr=False)
+    _embeddings: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.output_dir = Path(self.output_dir)
+        self.data_dir = Path(self.data_dir)
+        self.models = [Path(m) for m in self.models]
+        self.caps = dict(self.caps or {})
+
+    def cap(self, key: str, default=None):
+        return self.caps.get(key, default)
+
+    # ---------------------------------------------------------------- data
+    def dataset_path(self, entry: dict) -> Path:
+        path = Path(entry["file"])
+        return path if path.is_absolute() else self.data_dir / path
+
+    def load_dataset(self, entry: dict, required_obs: list[str] | tuple = (), seed: int = 0):
+        """Raw counts of a suite dataset entry, checked and subsampled.
+
+        `required_obs` lists the *suite keys* whose values must be obs columns (e.g. "label_key")
+        or literal column names. The subsample to min(entry.max_cells, caps.max_cells) uses `seed`
+        (default 0: the same cells for every seed, so seeds vary splits and methods, not data).
+        """
+        import anndata as ad
+        import scipy.sparse as sp
+
+        path = self.dataset_path(entry)
+        name = entry.get("name", path.stem)
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset {name!r}: file {path} not found (data directory {self.data_dir}; "
+                                    "set FM_DATA_DIR to the shared data directory)")
+        adata = ad.read_h5ad(path)
+        for key in required_obs:
+            column = entry.get(key, key)
+            if column not in adata.obs.columns:
+                via = f" (suite key {key}={column!r})" if key in entry else ""
+                raise ValueError(f"{path}: obs has no column {column!r}{via} needed by dataset {name!r}; "
+                                 f"columns present: {list(adata.obs.columns)}")
+            if adata.obs[column].isna().any():
+                raise ValueError(f"{path}: obs column {column!r} has missing values ({int(adata.obs[column].isna().sum())} cells)")
+        x = adata.X
+        x = sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else x.tocsr().astype(np.float32)
+        sample = x.data[:100000]
+        if sample.size and (sample.min() < 0 or not np.allclose(sample, np.round(sample))):
+            raise ValueError(f"{path}: X of dataset {name!r} is not raw counts (negative or non-integer values); "
+                             "evaluation needs raw counts so that every method gets the same normalisation")
+        adata.X = x
+        limits = [v for v in (entry.get("max_cells"), self.cap("max_cells")) if v]
+        if limits and adata.n_obs > min(limits):
+            keep = np.sort(np.random.default_rng(seed).choice(adata.n_obs, size=int(min(limits)), replace=False))
+            adata = adata[keep].copy()
+        adata.uns["eval_file"] = str(path)
+        adata.uns["eval_dataset"] = name
+        return adata
+
+    # ---------------------------------------------------------------- splits
+    def save_indices(self, name: str, obs_names=None, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+        """Write integer index arrays to output_dir/splits/<name>.npz, or reuse the file if present.
+
+        Reuse keeps splits fixed across re-runs into the same output directory; with `obs_names`
+        the stored cell names are checked so a stale file (other subsample) is an error, not a
+        silent mismatch.
+        """
+        path = self.output_dir / "splits" / f"{name}.npz"
+        names = None if obs_names is None else np.asarray(obs_names, dtype=str)
+        if path.is_file():
+            stored = dict(np.load(path, allow_pickle=False))
+            if names is not None and "obs_names" in stored and not np.array_equal(stored["obs_names"], names):
+                raise ValueError(f"{path}: split file was written for other cells; delete it or use a new --output")
+            stored.pop("obs_names", None)
+            if set(stored) != set(arrays):
+                raise ValueError(f"{path}: holds {sorted(stored)}, expected {sorted(arrays)}")
+            return stored
+        path.parent.mkdir(parents=True, exist_ok=True)
+        extra = {} if names is None else {"obs_names": names}
+        np.savez_compressed(path, **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()}, **extra)
+        return {k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()}
+
+    def save_split(self, name: str, train_idx, test_idx, obs_names=None) -> tuple[np.ndarray, np.ndarray]:
+        """A train/test split as index files (see save_indices); returns the (possibly reused) split."""
+        s = self.save_indices(name, obs_names=obs_names, train=train_idx, test=test_idx)
+        return s["train"], s["test"]
+
+    # ---------------------------------------------------------------- FM
+    @staticmethod
+    def model_label(model_dir: Path) -> str:
+        """A short name for result rows: runs/debug_eval/model → debug_eval."""
+        model_dir = Path(model_dir).resolve()
+        return model_dir.parent.name if model_dir.name == "model" else model_dir.name
+
+    def fm_embeddings(self, adata, model_dir: Path) -> np.ndarray:
+        """Zero-shot cell embeddings of `adata` (raw counts) from a checkpoint, cached per (model, cells, genes).
+
+        A model whose vocabulary matches too few of the dataset's genes stops with the dataset file
+        in the message (the tokenizer's own check, re-raised with context).
+        """
+        import fm
+
+        model_dir = Path(model_dir)
+        digest = hashlib.sha1()
+        for part in (adata.obs_names, adata.var_names):
+            digest.update("\x00".join(map(str, part)).encode())
+        digest.update(str(float(adata.X.sum())).encode())
+        key = (str(model_dir.resolve()), digest.hexdigest())
+        if key in self._embeddings:
+            return self._embeddings[key]
+        if key[0] not in self._models:
+            self._models[key[0]] = fm.load(model_dir)
+        source = adata.uns.get("eval_file", "dataset")
+        try:
+            emb = fm.embed(adata.copy(), self._models[key[0]], batch_size=64, drop_empty=True)
+        except ValueError as e:
+            raise ValueError(f"model {model_dir} on {source}: {e}") from e
+        emb = np.nan_to_num(emb)  # cells without any vocabulary gene: zero vector, not NaN
+        self._embeddings[key] = emb
+        return emb
+
+
+def log_normalise(adata):
+    """normalize_total to 1e4 + log1p on a copy; raw counts kept in layers['counts']. The one
+    normalisation every method of every task sees."""
+    import scanpy as sc
+
+    out = adata.copy()
+    out.layers["counts"] = out.X.copy()
+    sc.pp.normalize_total(out, target_sum=TARGET_SUM)
+    sc.pp.log1p(out)
+    return out
+
+
+def select_genes(adata_log, n_top: int | None, cells=None, batch_key: str | None = None) -> np.ndarray:
+    """Positions of the genes every method uses: all genes when n_top is None or ≥ n_vars, else the
+    top highly variable genes (Seurat flavour on log data), computed on `cells` (the train split
+    when there is one, so test cells do not leak into the gene choice)."""
+    import scanpy as sc
+
+    if not n_top or adata_log.n_vars <= n_top:
+        return np.arange(adata_log.n_vars)
+    sub = adata_log if cells is None else adata_log[cells]
+    sub = sub.copy()
+    if batch_key is not None and sub.obs[batch_key].nunique() < 2:
+        batch_key = None
+    sc.pp.highly_variable_genes(sub, n_top_genes=int(n_top), flavor="seurat", batch_key=batch_key)
+    return np.flatnonzero(sub.var["highly_variable"].to_numpy())
+
+
+def dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+
+
+class _Timer:
+    seconds: float = 0.0
+
+
+@contextmanager
+def timed():
+    """`with timed() as t: ...` then `t.seconds` (wall clock)."""
+    t = _Timer()
+    start = time.perf_counter()
+    try:
+        yield t
+    finally:
+        t.seconds = time.perf_counter() - start

@@ -1,0 +1,156 @@
+"""Suite YAML → results: validate the suite, resolve the profile, loop seeds × datasets, hand the
+rows to the report writer.
+
+A suite is strict (unknown keys are errors) because a typo such as `label_kye` would otherwise
+silently evaluate the wrong thing. The format is documented in eval/README.md.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from fm.eval.context import EvalContext
+from fm.eval.registry import get_task
+
+log = logging.getLogger("fm.eval")
+
+PROFILES = ("ci", "cpu", "full")
+SUITE_KEYS = {"task", "description", "seeds", "methods", "datasets", "profiles", "caps"}
+PROFILE_KEYS = {"datasets", "methods", "seeds", "caps"}
+DATASET_KEYS = {"name", "file", "label_key", "batch_key", "max_cells", "split", "description"}
+COLUMNS = ["task", "dataset", "method", "metric", "value", "seed", "runtime_s"]
+
+
+def is_fm_method(name: str) -> bool:
+    """FM methods (names starting with 'fm') run once per --model and are skipped without one."""
+    return name == "fm" or name.startswith("fm_")
+
+
+def _fail(path, msg):
+    raise ValueError(f"{path}: {msg}")
+
+
+def load_suite(path: str | Path) -> dict:
+    """Read and validate a suite file; returns the parsed dict (task module attached as '_module')."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"suite file {path} not found")
+    suite = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(suite, dict):
+        _fail(path, "a suite is a mapping with keys task, datasets, methods, profiles")
+    unknown = set(suite) - SUITE_KEYS
+    if unknown:
+        _fail(path, f"unknown top-level keys {sorted(unknown)}; allowed: {sorted(SUITE_KEYS)}")
+    for key in ("task", "datasets", "methods"):
+        if key not in suite:
+            _fail(path, f"missing required key {key!r}")
+    module = get_task(suite["task"])
+    allowed = DATASET_KEYS | set(getattr(module, "DATASET_KEYS", ()))
+    strict = hasattr(module, "DATASET_KEYS")
+    names = []
+    for i, entry in enumerate(suite["datasets"]):
+        if not isinstance(entry, dict) or "name" not in entry or "file" not in entry:
+            _fail(path, f"datasets[{i}] needs at least 'name' and 'file'")
+        bad = set(entry) - allowed
+        if strict and bad:
+            _fail(path, f"dataset {entry['name']!r}: unknown keys {sorted(bad)}; allowed: {sorted(allowed)}")
+        names.append(entry["name"])
+    if len(set(names)) != len(names):
+        _fail(path, f"duplicate dataset names in {names}")
+    known_methods = set(getattr(module, "METHODS", {}) or {})
+    for m in suite["methods"]:
+        if known_methods and m not in known_methods:
+            _fail(path, f"unknown method {m!r} for task {suite['task']}; known: {sorted(known_methods)}")
+    for prof, spec in (suite.get("profiles") or {}).items():
+        if prof not in PROFILES:
+            _fail(path, f"unknown profile {prof!r}; allowed: {list(PROFILES)}")
+        spec = spec or {}
+        bad = set(spec) - PROFILE_KEYS
+        if bad:
+            _fail(path, f"profile {prof!r}: unknown keys {sorted(bad)}; allowed: {sorted(PROFILE_KEYS)}")
+        for d in spec.get("datasets", []):
+            if d not in names:
+                _fail(path, f"profile {prof!r} names dataset {d!r}, not in datasets {names}")
+        for m in spec.get("methods", []):
+            if m not in suite["methods"]:
+                _fail(path, f"profile {prof!r} names method {m!r}, not in methods {suite['methods']}")
+    suite["_module"] = module
+    suite["_path"] = str(path)
+    return suite
+
+
+def resolve_profile(suite: dict, profile: str, seeds: list[int] | None = None) -> dict:
+    """The datasets, methods, seeds and caps one profile runs (profile values override the top level)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; allowed: {list(PROFILES)}")
+    spec = (suite.get("profiles") or {}).get(profile) or {}
+    wanted = spec.get("datasets")
+    datasets = [d for d in suite["datasets"] if wanted is None or d["name"] in wanted]
+    caps = {**(suite.get("caps") or {}), **(spec.get("caps") or {})}
+    return {"datasets": datasets, "methods": list(spec.get("methods", suite["methods"])),
+            "seeds": list(seeds if seeds is not None else spec.get("seeds", suite.get("seeds", [0]))),
+            "caps": caps}
+
+
+def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval", seeds=None,
+              data_dir=None, write: bool = True) -> pd.DataFrame:
+    """Run one suite and (by default) write results.csv, results.md, plots and meta.json.
+
+    Returns the tidy results (task, dataset, method, metric, value, seed, runtime_s).
+    """
+    from fm.paths import data_dir as default_data_dir
+
+    t0 = time.perf_counter()
+    suite = load_suite(suite_path)
+    module = suite["_module"]
+    plan = resolve_profile(suite, profile, seeds)
+    models = [Path(m) for m in models]
+    for m in models:
+        if not (m / "config.json").is_file():
+            raise FileNotFoundError(f"--model {m}: no config.json — pass an exported model directory (runs/<name>/model)")
+    methods = [m for m in plan["methods"] if models or not is_fm_method(m)]
+    skipped = [m for m in plan["methods"] if m not in methods]
+    if skipped:
+        log.info("no --model given: skipping FM methods %s", skipped)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ctx = EvalContext(output_dir=output_dir, profile=profile, models=models,
+                      data_dir=Path(data_dir) if data_dir else default_data_dir(), caps=plan["caps"])
+    rows = []
+    for dataset in plan["datasets"]:
+        for seed in plan["seeds"]:
+            log.info("%s: dataset %s, seed %d, methods %s", suite["task"], dataset["name"], seed, methods)
+            for row in module.run(dataset, methods, seed, ctx):
+                rows.append({"task": suite["task"], "seed": seed, **row})
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.Series(dtype=float)
+    df = df[COLUMNS]
+    if write:
+        from fm.eval.report import write_report
+
+        write_report(df, output_dir, suite=suite, profile=profile, seeds=plan["seeds"], models=models,
+                     caps=plan["caps"], runtime_s=time.perf_counter() - t0)
+    return df
+
+
+def run_suites(suite_paths, profile="cpu", models=(), output_dir="runs/eval", seeds=None) -> pd.DataFrame:
+    """Several suites: each into output_dir/<task>/, plus a combined results.md at output_dir."""
+    if len(suite_paths) == 1:
+        return run_suite(suite_paths[0], profile, models, output_dir, seeds)
+    from fm.eval.report import write_combined
+
+    output_dir = Path(output_dir)
+    t0 = time.perf_counter()
+    frames, tasks = [], []
+    for path in suite_paths:
+        task = load_suite(path)["task"]
+        frames.append(run_suite(path, profile, models, output_dir / task, seeds))
+        tasks.append(task)
+    write_combined(output_dir, tasks, profile=profile, runtime_s=time.perf_counter() - t0)
+    return pd.concat(frames, ignore_index=True)

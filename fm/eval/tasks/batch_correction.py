@@ -1,0 +1,175 @@
+"""Batch correction: integrate cells from several batches, score the representation with scib-metrics.
+
+Every method starts from the same log-normalised HVGs (batch-aware HVG selection) and returns an
+embedding (cells × d). Scores come from scib_metrics.benchmark.Benchmarker with its default
+metric sets (bio conservation: isolated labels, KMeans NMI/ARI, silhouette label, cLISI; batch
+correction: BRAS, iLISI, kBET per label, graph connectivity, PCR comparison) and its scIB
+weighting total = 0.6 bio + 0.4 batch, on raw (not min-max scaled) values so a method's score
+does not depend on which other methods ran. Neighbours: exact sklearn kNN (small data; exact and
+deterministic beats pynndescent here). Control: the unintegrated PCA.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from fm.eval.context import EvalContext, dense, log_normalise, select_genes, timed
+
+log = logging.getLogger("fm.eval")
+
+MAIN_METRIC = "total"
+HIGHER_IS_BETTER = True
+CONTROLS = ["unintegrated"]
+DATASET_KEYS = {"n_hvg"}
+REPORT_PLOTS = ("heatmap", "umap")
+N_PCS = 50
+
+
+def _pca(x: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=min(N_PCS, x.shape[0] - 1, x.shape[1]), random_state=seed).fit_transform(x)
+
+
+def _unintegrated(data, seed, ctx):
+    return data["pca"]
+
+
+def _combat(data, seed, ctx):
+    """scanpy's ComBat on the log-normalised HVGs, then the same PCA."""
+    import anndata as ad
+    import scanpy as sc
+
+    a = ad.AnnData(data["x"].copy(), obs=data["obs"][[data["batch_key"]]].copy())
+    sc.pp.combat(a, key=data["batch_key"])
+    return _pca(np.asarray(a.X, dtype=np.float32), seed)
+
+
+def _harmony(data, seed, ctx):
+    import harmonypy
+
+    ho = harmonypy.run_harmony(data["pca"], data["obs"], [data["batch_key"]], random_state=seed, verbose=False)
+    z = np.asarray(ho.Z_corr)
+    return z if z.shape[0] == data["pca"].shape[0] else z.T
+
+
+def _scanorama(data, seed, ctx):
+    """scanorama.integrate on the per-batch log-normalised HVGs; rows put back in the original order."""
+    import scanorama
+
+    np.random.seed(seed)
+    batches = data["obs"][data["batch_key"]].astype(str).to_numpy()
+    groups = [np.flatnonzero(batches == b) for b in np.unique(batches)]
+    genes = list(data["genes"])
+    integrated, _ = scanorama.integrate([data["x"][g] for g in groups], [genes] * len(groups),
+                                        dimred=min(N_PCS, min(len(g) for g in groups) - 1), verbose=0, seed=seed)
+    out = np.zeros((data["x"].shape[0], integrated[0].shape[1]), dtype=np.float32)
+    for g, z in zip(groups, integrated):
+        out[g] = z
+    return out
+
+
+def _scvi(data, seed, ctx):
+    """scVI on the raw counts of the same HVGs, batch as covariate; epochs capped by the profile."""
+    import anndata as ad
+    import scvi
+
+    scvi.settings.seed = seed
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.num_threads = int(ctx.cap("threads", 1))  # 2 torch threads on 2 busy cores: ~10× slower
+    a = ad.AnnData(data["counts"].copy(), obs=data["obs"][[data["batch_key"]]].copy())
+    scvi.model.SCVI.setup_anndata(a, batch_key=data["batch_key"])
+    model = scvi.model.SCVI(a, n_latent=int(ctx.cap("scvi_latent", 10)))
+    model.train(max_epochs=int(ctx.cap("scvi_epochs", 100)), accelerator="cpu", devices=1,
+                enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
+    return np.asarray(model.get_latent_representation(), dtype=np.float32)
+
+
+METHODS = {"unintegrated": _unintegrated, "combat": _combat, "harmony": _harmony, "scanorama": _scanorama,
+           "scvi": _scvi, "fm": None}
+
+
+def _neighbors(x: np.ndarray, k: int):
+    """Exact kNN for scib-metrics (its NeighborsResults), excluding nothing: scib expects self included."""
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, idx = NearestNeighbors(n_neighbors=min(k, x.shape[0] - 1)).fit(x).kneighbors(x)
+    return NeighborsResults(indices=idx, distances=dist)
+
+
+def score(embeddings: dict[str, np.ndarray], obs, label_key: str, batch_key: str, pre_key: str,
+          exclude=()) -> dict:
+    """scib-metrics Benchmarker over all embeddings at once → {method: {metric: value}}.
+
+    `exclude` names Benchmarker metric fields to switch off (caps.scib_exclude). Measured on 2
+    CPU cores, CellBench: kbet_per_label costs ~45 s CPU on first call (jax compiles per label
+    size) and ~3 s per embedding after; every other metric is ≤ 3 s. The ci profile drops kBET.
+    """
+    from dataclasses import fields
+    import anndata as ad
+    from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
+
+    a = ad.AnnData(np.zeros((len(obs), 1), dtype=np.float32), obs=obs.copy())
+    for name, emb in embeddings.items():
+        a.obsm[name] = np.asarray(emb, dtype=np.float32)
+    known = {f.name for f in fields(BioConservation)} | {f.name for f in fields(BatchCorrection)}
+    if set(exclude) - known:
+        raise ValueError(f"caps.scib_exclude: unknown metrics {sorted(set(exclude) - known)}; known: {sorted(known)}")
+    bio = BioConservation(**{f.name: False for f in fields(BioConservation) if f.name in exclude})
+    batch = BatchCorrection(**{f.name: False for f in fields(BatchCorrection) if f.name in exclude})
+    bm = Benchmarker(a, batch_key=batch_key, label_key=label_key, embedding_obsm_keys=list(embeddings),
+                     pre_integrated_embedding_obsm_key=pre_key, bio_conservation_metrics=bio,
+                     batch_correction_metrics=batch, n_jobs=1, progress_bar=False)
+    bm.prepare(neighbor_computer=_neighbors)
+    bm.benchmark()
+    res = bm.get_results(min_max_scale=False).drop(index="Metric Type")
+    res.columns = [str(c).lower().replace(" ", "_") for c in res.columns]  # "KMeans ARI" → kmeans_ari
+    return {m: {c: float(res.loc[m, c]) for c in res.columns} for m in embeddings}
+
+
+def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
+    label_key, batch_key = dataset.get("label_key"), dataset.get("batch_key")
+    if not label_key or not batch_key:
+        raise ValueError(f"dataset {dataset['name']!r}: batch_correction needs label_key and batch_key in the suite")
+    adata = ctx.load_dataset(dataset, required_obs=["label_key", "batch_key"])
+    if adata.obs[batch_key].nunique() < 2:
+        raise ValueError(f"{adata.uns['eval_file']}: obs column {batch_key!r} has a single batch; nothing to correct")
+    lognorm = log_normalise(adata)
+    genes = select_genes(lognorm, dataset.get("n_hvg", ctx.cap("n_hvg", 2000)), batch_key=batch_key)
+    ctx.save_indices(f"{dataset['name']}_genes", genes=genes)
+    obs = adata.obs[[label_key, batch_key]].astype(str).astype("category")
+    x = dense(lognorm.X[:, genes])
+    data = {"x": x, "counts": adata.X[:, genes].copy(), "obs": obs, "batch_key": batch_key,
+            "genes": lognorm.var_names[genes], "pca": _pca(x, seed)}
+    embeddings, runtimes = {}, {}
+    for method in methods:
+        if method == "fm":
+            for m in ctx.models:
+                name = f"fm[{ctx.model_label(m)}]"
+                with timed() as t:
+                    embeddings[name] = ctx.fm_embeddings(adata[:, genes], m)
+                runtimes[name] = t.seconds
+            continue
+        with timed() as t:
+            embeddings[method] = METHODS[method](data, seed, ctx)
+        runtimes[method] = t.seconds
+        log.info("batch_correction %s %s seed %d: %.1f s", dataset["name"], method, seed, t.seconds)
+    embeddings.setdefault("unintegrated", data["pca"])  # scib's PCR comparison needs the pre-integration PCA
+    with timed() as t:
+        scores = score(embeddings, obs, label_key, batch_key, pre_key="unintegrated",
+                       exclude=ctx.cap("scib_exclude", ()))
+    log.info("batch_correction %s: scib-metrics on %d embeddings in %.1f s", dataset["name"], len(embeddings), t.seconds)
+    out = ctx.output_dir / "embeddings"
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / f"{dataset['name']}_seed{seed}.npz", label=obs[label_key].to_numpy().astype(str),
+                        batch=obs[batch_key].to_numpy().astype(str), **{f"emb:{k}": v for k, v in embeddings.items()})
+    rows = []
+    first = ["total", "bio_conservation", "batch_correction"]  # aggregates first, then each metric
+    for method in runtimes:
+        ordered = first + [m for m in scores[method] if m not in first]
+        for metric, value in ((m, scores[method][m]) for m in ordered):
+            rows.append({"dataset": dataset["name"], "method": method, "metric": metric, "value": value,
+                         "runtime_s": runtimes[method]})
+    return rows

@@ -1,0 +1,284 @@
+"""Cell–cell communication (CCI): rank (ligand, receptor, source type, target type) tuples and score
+the ranking against interactions supported by space.
+
+Every method sees the same cells, the same log-normalisation (log1p of counts/1e4), the same cell
+types and the same ligand–receptor resource (a DataFrame with `ligand`/`receptor` columns, taken
+from lr/liana_omni_resource.csv, one `resource` value; complexes written A_B; only pairs whose genes
+are all in the dataset). Methods: LIANA's CellPhoneDB, NATMI, Connectome, SingleCellSignalR and
+rank aggregate (`li.mt.*`, `use_raw=False`, `n_perms` capped), an expression-product baseline and a
+seeded random ranking (control).
+
+Ground truth from space (datasets with `spatial_key`): edges are the symmetrised kNN graph on the
+coordinates (`n_neighbors`, default 8); an edge i→j has source type s = type(i), target t = type(j).
+For a pair (L, R) the score of (s, t) is the mean over s→t edges of L(i)·R(j) (log-normalised;
+a complex is the min over its subunits, per cell). Two nulls, `truth_n_perms` draws each (seeded):
+  labels    — cell-type labels permuted over cells (same graph): is L→R specific to s→t?
+  positions — each s→t edge replaced by a random s cell and a random t cell: is it proximity?
+p = (1 + #{null ≥ observed}) / (1 + n). A tuple is *true* when p < `alpha` (0.05) under the
+null(s) chosen by `truth_null` (default `both`: specific AND proximal). The universe is every
+(L, R, s, t) with at least `min_edges` (10) s→t edges (fewer: untestable, left out); tuples with
+zero co-expression on those edges stay in it as negatives. The truth table is written to
+<output>/cci_truth_<dataset>.csv.
+
+Scoring: each method's score for every tuple of the universe, oriented so higher = more likely;
+LIANA methods rank by their specificity score (ties broken by magnitude; SingleCellSignalR has
+magnitude only) and, as extra metrics, by magnitude alone. A tuple a method does not report
+(filtered by `expr_prop`) ranks below all it reports. Metrics: AUROC (main) and AUPRC (sklearn).
+Datasets without space (e.g. pbmc3k): no truth; only `agreement_spearman`, each method's mean
+Spearman correlation with each other method over the tuples both report (universe: all resource
+pairs × type pairs).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from fm.eval.context import EvalContext, dense, log_normalise, timed
+
+log = logging.getLogger("fm.eval")
+
+MAIN_METRIC = "auroc"
+HIGHER_IS_BETTER = True
+CONTROLS = ["random"]
+DATASET_KEYS = {"spatial_key", "resource", "resource_file", "n_neighbors", "min_edges", "truth_null", "alpha"}
+KEYS = ["ligand", "receptor", "source", "target"]
+LIANA = {"cellphonedb": "cellphonedb", "natmi": "natmi", "connectome": "connectome",
+         "singlecellsignalr": "singlecellsignalr", "rank_aggregate": "rank_aggregate"}
+METHODS = {**{m: None for m in LIANA}, "expr_product": None, "random": None}
+
+
+# ---------------------------------------------------------------- resource and per-cell complexes
+def load_resource(dataset: dict, ctx: EvalContext, genes) -> pd.DataFrame:
+    """Ligand/receptor pairs of one resource whose genes (all complex subunits) are all in `genes`."""
+    path = ctx.data_dir / dataset.get("resource_file", "lr/liana_omni_resource.csv")
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {dataset['name']!r}: resource file {path} not found")
+    table = pd.read_csv(path)
+    name = dataset.get("resource", "consensus")
+    table = table[table["resource"] == name]
+    if table.empty:
+        raise ValueError(f"{path}: no rows with resource == {name!r}")
+    res = table.rename(columns={"source_genesymbol": "ligand", "target_genesymbol": "receptor"})[["ligand", "receptor"]]
+    genes = set(genes)
+    ok = [all(g in genes for g in lig.split("_")) and all(g in genes for g in rec.split("_"))
+          for lig, rec in zip(res["ligand"], res["receptor"])]
+    res = res[ok].drop_duplicates().reset_index(drop=True)
+    if len(res) < 5:
+        raise ValueError(f"dataset {dataset['name']!r}: only {len(res)} {name!r} pairs have all genes in the data")
+    return res
+
+
+def complex_matrix(lognorm, names) -> np.ndarray:
+    """cells × len(names): per cell, the min over a complex's subunits (A_B) of log-normalised expression."""
+    index = {g: i for i, g in enumerate(lognorm.var_names)}
+    cols = sorted({g for n in names for g in n.split("_")})
+    x = dense(lognorm[:, [index[g] for g in cols]].X)
+    pos = {g: i for i, g in enumerate(cols)}
+    return np.stack([x[:, [pos[g] for g in n.split("_")]].min(axis=1) for n in names], axis=1)
+
+
+# ---------------------------------------------------------------- spatial truth
+def spatial_edges(coords: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Directed edges of the symmetrised kNN graph (each undirected edge in both directions)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(coords).kneighbors(coords)
+    src = np.repeat(np.arange(len(coords)), k + 1)
+    dst = idx.ravel()
+    keep = src != dst
+    pairs = np.concatenate([np.stack([src[keep], dst[keep]], 1), np.stack([dst[keep], src[keep]], 1)])
+    pairs = np.unique(pairs, axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _group_mean(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    import scipy.sparse as sp
+
+    onehot = sp.csr_matrix((np.ones(len(group)), (group, np.arange(len(group)))), shape=(n_groups, len(group)))
+    counts = np.asarray(onehot.sum(axis=1)).ravel()
+    return np.asarray(onehot @ values) / np.maximum(counts, 1)[:, None]
+
+
+def spatial_truth(lig: np.ndarray, rec: np.ndarray, types: np.ndarray, coords: np.ndarray, seed: int,
+                  k: int = 8, n_perms: int = 200, min_edges: int = 10, alpha: float = 0.05,
+                  null: str = "both") -> dict:
+    """Observed neighbour co-expression, p-values under both nulls and the truth mask, all shaped
+    (n_types², n_pairs) with row s·T + t; also `n_edges` per row and `testable` rows."""
+    if null not in ("both", "labels", "positions"):
+        raise ValueError(f"truth_null {null!r} unknown (both | labels | positions)")
+    n_types = int(types.max()) + 1
+    src, dst = spatial_edges(coords, k)
+    prod = lig[src] * rec[dst]
+    group = types[src] * n_types + types[dst]
+    n_groups = n_types * n_types
+    observed = _group_mean(prod, group, n_groups)
+    n_edges = np.bincount(group, minlength=n_groups)
+    rng = np.random.default_rng(seed)
+    ge_lab = np.zeros_like(observed)
+    ge_pos = np.zeros_like(observed)
+    order = np.argsort(types, kind="stable")
+    size = np.bincount(types, minlength=n_types)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    for _ in range(n_perms):
+        if null in ("both", "labels"):
+            perm = rng.permutation(types)
+            ge_lab += _group_mean(prod, perm[src] * n_types + perm[dst], n_groups) >= observed
+        if null in ("both", "positions"):
+            i = order[start[types[src]] + (rng.random(len(src)) * size[types[src]]).astype(np.int64)]
+            j = order[start[types[dst]] + (rng.random(len(dst)) * size[types[dst]]).astype(np.int64)]
+            ge_pos += _group_mean(lig[i] * rec[j], group, n_groups) >= observed
+    p_lab = (1 + ge_lab) / (1 + n_perms)
+    p_pos = (1 + ge_pos) / (1 + n_perms)
+    true = {"both": (p_lab < alpha) & (p_pos < alpha), "labels": p_lab < alpha, "positions": p_pos < alpha}[null]
+    true &= observed > 0
+    return {"observed": observed, "p_labels": p_lab, "p_positions": p_pos, "true": true,
+            "n_edges": n_edges, "testable": n_edges >= min_edges, "n_types": n_types}
+
+
+def universe_frame(resource: pd.DataFrame, categories, rows: np.ndarray | None = None) -> pd.DataFrame:
+    """All (ligand, receptor, source, target) tuples, in the (s·T + t, pair) order of the truth arrays."""
+    n = len(categories)
+    rows = np.arange(n * n) if rows is None else rows
+    src = np.asarray(categories)[rows // n]
+    dst = np.asarray(categories)[rows % n]
+    p = len(resource)
+    return pd.DataFrame({"ligand": np.tile(resource["ligand"].to_numpy(), len(rows)),
+                         "receptor": np.tile(resource["receptor"].to_numpy(), len(rows)),
+                         "source": np.repeat(src, p), "target": np.repeat(dst, p),
+                         "_row": np.repeat(rows, p), "_pair": np.tile(np.arange(p), len(rows))})
+
+
+# ---------------------------------------------------------------- methods
+def _orient(values, ascending: bool) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    return -v if ascending else v
+
+
+def liana_scores(method: str, lognorm, label_key: str, resource: pd.DataFrame, seed: int, ctx) -> pd.DataFrame:
+    """LIANA result with `primary` (specificity, ties by magnitude) and `magnitude`, higher = stronger."""
+    import liana as li
+
+    fn = getattr(li.mt, LIANA[method])
+    res = fn(lognorm, groupby=label_key, resource=resource, use_raw=False, expr_prop=float(ctx.cap("expr_prop", 0.1)),
+             n_perms=int(ctx.cap("liana_n_perms", 100)), seed=seed, inplace=False, verbose=False)
+    # per-subunit rows carry `ligand`/`receptor`; the complexes (as in the resource) are *_complex
+    res = res.drop(columns=["ligand", "receptor"], errors="ignore").rename(
+        columns={"ligand_complex": "ligand", "receptor_complex": "receptor"})
+    mag = _orient(res[fn.magnitude], fn.magnitude_ascending)
+    if fn.specificity is None:
+        primary = mag
+    else:
+        spec = _orient(res[fn.specificity], fn.specificity_ascending)
+        primary = np.empty(len(res))
+        primary[np.lexsort((mag, spec))] = np.arange(len(res))  # rank by specificity, then magnitude
+    return pd.DataFrame({**{k: res[k].astype(str).to_numpy() for k in KEYS}, "primary": primary, "magnitude": mag})
+
+
+def expr_product_scores(universe, lig, rec, types, n_types) -> pd.DataFrame:
+    """Baseline: mean ligand in the source type × mean receptor in the target type (no specificity)."""
+    mean_l = _group_mean(lig, types, n_types)
+    mean_r = _group_mean(rec, types, n_types)
+    row, p = universe["_row"].to_numpy(), universe["_pair"].to_numpy()
+    s, t = row // n_types, row % n_types
+    score = mean_l[s, p] * mean_r[t, p]
+    return universe[KEYS].assign(primary=score, magnitude=score)
+
+
+def align(universe: pd.DataFrame, scores: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """The method's score for every universe tuple (tuples it does not report rank below all it
+    does) and the mask of tuples it reports."""
+    merged = universe[KEYS].merge(scores[KEYS + [column]].drop_duplicates(KEYS), on=KEYS, how="left")
+    values = merged[column].to_numpy(dtype=float)
+    found = np.isfinite(values)
+    floor = values[found].min() - 1.0 if found.any() else 0.0
+    return np.where(found, values, floor), found
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if y.all() or not y.any():
+        return {"auroc": float("nan"), "auprc": float("nan")}
+    return {"auroc": float(roc_auc_score(y, s)), "auprc": float(average_precision_score(y, s))}
+
+
+# ---------------------------------------------------------------- run
+def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
+    from scipy.stats import spearmanr
+
+    label_key = dataset.get("label_key", "cell_type")
+    adata = ctx.load_dataset(dataset, required_obs=["label_key"])
+    adata.obs[label_key] = adata.obs[label_key].astype(str).astype("category")
+    lognorm = log_normalise(adata)
+    resource = load_resource(dataset, ctx, lognorm.var_names)
+    cats = list(adata.obs[label_key].cat.categories)
+    types = adata.obs[label_key].cat.codes.to_numpy().astype(np.int64)
+    n_types = len(cats)
+    lig = complex_matrix(lognorm, resource["ligand"])
+    rec = complex_matrix(lognorm, resource["receptor"])
+    spatial_key = dataset.get("spatial_key")
+    truth = None
+    if spatial_key:
+        if spatial_key not in adata.obsm:
+            raise ValueError(f"{adata.uns['eval_file']}: obsm has no {spatial_key!r} (spatial_key of dataset "
+                             f"{dataset['name']!r}); obsm keys: {list(adata.obsm)}")
+        with timed() as t_truth:
+            truth = spatial_truth(lig, rec, types, np.asarray(adata.obsm[spatial_key], dtype=float), seed,
+                                  k=int(dataset.get("n_neighbors", 8)), n_perms=int(ctx.cap("truth_n_perms", 200)),
+                                  min_edges=int(dataset.get("min_edges", 10)), alpha=float(dataset.get("alpha", 0.05)),
+                                  null=dataset.get("truth_null", "both"))
+        universe = universe_frame(resource, cats, np.flatnonzero(truth["testable"]))
+        r, p = universe["_row"].to_numpy(), universe["_pair"].to_numpy()
+        y = truth["true"][r, p]
+        table = universe[KEYS].assign(n_edges=truth["n_edges"][r], observed=truth["observed"][r, p],
+                                      p_labels=truth["p_labels"][r, p], p_positions=truth["p_positions"][r, p], true=y)
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        table.to_csv(ctx.output_dir / f"cci_truth_{dataset['name']}_seed{seed}.csv", index=False)
+        log.info("cci %s truth: %d pairs × %d testable type pairs = %d tuples, %d true (%.1f s)", dataset["name"],
+                 len(resource), int(truth["testable"].sum()), len(y), int(y.sum()), t_truth.seconds)
+    else:
+        universe = universe_frame(resource, cats)
+        y = None
+    if ctx.models:
+        log.info("cci: no FM method yet — FM CCI arrives with the task heads issue")
+    rows, primaries = [], {}
+    for method in methods:
+        if method not in METHODS:
+            log.warning("cci: method %r unknown or not available (FM CCI arrives with the task heads issue); skipped",
+                        method)
+            continue
+        with timed() as t:
+            if method == "random":
+                s = np.random.default_rng(seed).random(len(universe))
+                scores = universe[KEYS].assign(primary=s, magnitude=s)
+            elif method == "expr_product":
+                scores = expr_product_scores(universe, lig, rec, types, n_types)
+            else:
+                scores = liana_scores(method, lognorm, label_key, resource, seed, ctx)
+            (primary, found), (magnitude, _) = align(universe, scores, "primary"), align(universe, scores, "magnitude")
+        primaries[method] = (primary, found)
+        coverage = float(found.mean())
+        base = {"dataset": dataset["name"], "method": method, "runtime_s": t.seconds}
+        if y is not None:
+            values = _auc(y, primary)
+            values.update({f"{k}_magnitude": v for k, v in _auc(y, magnitude).items()})
+            values["coverage"] = coverage
+            rows += [{**base, "metric": k, "value": v} for k, v in values.items()]
+            log.info("cci %s %s seed %d: AUROC %.3f AUPRC %.3f (%.1f s)", dataset["name"], method, seed,
+                     values["auroc"], values["auprc"], t.seconds)
+        else:
+            rows.append({**base, "metric": "coverage", "value": coverage})
+    if y is None:  # agreement among methods: the only thing measurable without ground truth
+        # over the tuples both methods report (unreported ones would all tie at the bottom)
+        def rho(a, b):
+            both = a[1] & b[1]
+            return spearmanr(a[0][both], b[0][both])[0] if both.sum() > 2 else np.nan
+
+        for row in [r for r in rows if r["metric"] == "coverage"]:
+            mine = primaries[row["method"]]
+            others = [rho(mine, v) for m, v in primaries.items() if m != row["method"]]
+            rows.append({**row, "metric": "agreement_spearman",
+                         "value": float(np.nanmean(others)) if others else float("nan")})
+    return rows

@@ -1,0 +1,126 @@
+"""Modality prediction (RNA → protein) and cell–cell communication task modules: definitions on
+tiny synthetic inputs, and the ci profiles of both suites end to end on the real data (skipped
+when the shared data directory is absent). Controls must rank at the bottom, the best baseline
+clearly above them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from fm.paths import DATA_DIR_ENV, data_dir
+
+pytest.importorskip("sklearn", reason="needs the [eval] extra (scikit-learn)")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def need(*files: str) -> None:
+    for name in files:
+        path = data_dir() / name
+        if not path.is_file():
+            pytest.skip(f"real data file {path} not found (set {DATA_DIR_ENV} to the shared data directory)")
+
+
+# ---------------------------------------------------------------- modality: definitions
+def test_clr_matches_seurat_margin1():
+    from fm.eval.tasks.modality import clr
+
+    counts = np.array([[0, 9, 99], [5, 5, 5]], dtype=float)
+    out = clr(counts)
+    np.testing.assert_allclose(out.sum(axis=1), 0, atol=1e-12)
+    logged = np.log1p(counts[0])
+    np.testing.assert_allclose(out[0], logged - logged.mean())
+    np.testing.assert_allclose(out[1], 0, atol=1e-12)
+
+
+def test_protein_table_names_and_isotype_control():
+    from fm.eval.tasks.modality import CONTROL_RE, metrics, protein_table
+
+    a = ad.AnnData(np.zeros((3, 2), dtype=np.float32))
+    a.uns["eval_file"] = "synthetic"
+    a.obsm["adt"] = pd.DataFrame([[1, 2, 0], [3, 4, 0], [5, 6, 1]], index=a.obs_names,
+                                 columns=["CD3", "CD4-1", "IgG1_control_TotalSeqC"])
+    counts, names = protein_table(a, {"name": "x", "protein_key": "adt"})
+    assert names == ["CD3", "CD4-1", "IgG1_control_TotalSeqC"] and counts.shape == (3, 3)
+    assert [n for n in names if CONTROL_RE.search(n)] == ["IgG1_control_TotalSeqC"]
+    b = ad.AnnData(np.zeros((2, 2), dtype=np.float32), obsm={"p": np.ones((2, 2))}, uns={"protein_names": ["A", "B"]})
+    b.uns["eval_file"] = "synthetic"
+    assert protein_table(b, {"name": "y", "protein_key": "p"})[1] == ["A", "B"]
+    with pytest.raises(ValueError, match="obsm has no 'missing'"):
+        protein_table(b, {"name": "y", "protein_key": "missing"})
+    y = np.array([[1.0, 2.0], [2.0, 1.0], [3.0, 0.5]])
+    const = metrics(y, np.broadcast_to(y.mean(axis=0), y.shape), ["A", "B"])
+    assert const["pearson_protein"] == 0.0  # a constant prediction carries no per-protein correlation
+    assert metrics(y, y, ["A", "B"])["pearson_protein"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- cci: definitions
+def test_spatial_truth_finds_planted_interaction():
+    """Couples of touching cells (type 0 next to type 1, k=1 graph); in half of them the type-0 cell
+    expresses L and the type-1 cell R. L→R from 0 to 1 is proximal and specific → true; 1→0 is not."""
+    from fm.eval.tasks.cci import spatial_truth
+
+    rng = np.random.default_rng(0)
+    n = 100  # couples
+    centres = rng.uniform(0, 10, size=(n, 2)) + np.arange(n)[:, None] * 100  # couples far apart
+    coords = np.concatenate([centres, centres + 0.01])
+    types = np.concatenate([np.zeros(n, int), np.ones(n, int)])
+    on = np.zeros(n)
+    on[: n // 2] = 1.0
+    lig = np.concatenate([on, np.zeros(n)])[:, None]
+    rec = np.concatenate([np.zeros(n), on])[:, None]
+    truth = spatial_truth(lig, rec, types, coords, seed=0, k=1, n_perms=200, min_edges=10)
+    # rows are s·T + t: 0→1 is row 1, 1→0 is row 2
+    assert truth["n_edges"][1] == n and truth["testable"][1]
+    assert truth["true"][1, 0] and truth["p_positions"][1, 0] < 0.05 and truth["p_labels"][1, 0] < 0.05
+    assert not truth["true"][2, 0]
+
+
+def test_complex_is_min_over_subunits():
+    from fm.eval.tasks.cci import complex_matrix
+
+    a = ad.AnnData(np.array([[1.0, 3.0, 2.0], [0.0, 5.0, 4.0]], dtype=np.float32))
+    a.var_names = ["A", "B", "C"]
+    np.testing.assert_allclose(complex_matrix(a, ["A_B", "C", "B_C"]), [[1, 2, 2], [0, 4, 4]])
+
+
+# ---------------------------------------------------------------- ci profiles end to end
+def _ci(suite: str, tmp_path) -> pd.DataFrame:
+    from fm.eval.harness import run_suite
+
+    return run_suite(REPO / "eval" / suite, profile="ci", output_dir=tmp_path, write=False)
+
+
+def _main(df: pd.DataFrame, metric: str) -> pd.Series:
+    return df[df.metric == metric].groupby("method")["value"].mean()
+
+
+def test_modality_ci_profile(tmp_path):
+    pytest.importorskip("scanpy")
+    need("h5ad/pbmc_10k_protein_v3.h5ad")
+    df = _ci("modality_prediction.yaml", tmp_path)
+    assert set(df.method) == {"mean", "ridge_pca", "knn_pca"}  # fm_ridge skipped without --model
+    assert (tmp_path / "splits" / "pbmc10k_protein_200c_seed0.npz").is_file()
+    main = _main(df, "pearson_protein")
+    rmse = _main(df, "rmse")
+    assert main["mean"] == 0.0 and main.idxmin() == "mean"
+    assert main.max() > 0.5 and main.max() - main["mean"] > 0.3, main.to_dict()
+    assert rmse.idxmax() == "mean" and rmse.min() < 0.8 * rmse["mean"], rmse.to_dict()
+    assert not any(m.startswith("pearson:") and "igg" in m.lower() for m in df.metric)
+
+
+def test_cci_ci_profile(tmp_path):
+    pytest.importorskip("liana")
+    need("h5ad/spatial_starmap_cortex_930c_labeled.h5ad", "lr/liana_omni_resource.csv")
+    df = _ci("cci.yaml", tmp_path)
+    truth = pd.read_csv(tmp_path / "cci_truth_starmap_cortex_seed0.csv")
+    assert 0 < truth["true"].sum() < len(truth) and (truth["n_edges"] >= 10).all()
+    auroc = _main(df, "auroc")
+    assert set(auroc.index) == {"random", "expr_product", "cellphonedb", "rank_aggregate"}
+    assert abs(auroc["random"] - 0.5) < 0.06 and auroc.idxmin() == "random", auroc.to_dict()
+    assert auroc.max() - auroc["random"] > 0.1, auroc.to_dict()
+    auprc = _main(df, "auprc")
+    assert auprc.max() > 1.5 * truth["true"].mean(), (auprc.to_dict(), truth["true"].mean())
