@@ -181,7 +181,9 @@ class CellCollator:
 
         row = np.repeat(np.arange(len(rows)), lengths)
         position = np.arange(genes.size) - indptr[row]
-        if self.train:
+        if self.train and np.all(lengths <= budget):
+            rank = position  # every expressed gene fits: no sampling (token order is irrelevant)
+        elif self.train:
             key = hashed_uniform(self.seed, self.epoch, cell_index[row], position, salt=1)
             _, rank = _rank_within_rows(row, key)
         else:
@@ -218,3 +220,25 @@ class CellCollator:
         return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
+
+
+@dataclass
+class LabeledCellCollator(CellCollator):
+    """CellCollator for fine-tuning: rows also carry an integer "label" → `labels` (B,) long.
+
+    Genes are chosen as at inference (train=False by default: most expressed genes, no value
+    masking), so a fine-tuned head sees cells exactly as `fm.annotate` will show them.
+    """
+
+    train: bool = False
+    label_key: str = "label"
+
+    def __post_init__(self):
+        if self.train:
+            raise ValueError("LabeledCellCollator chooses genes as at inference (train=False); value masking "
+                             "is a pretraining objective")
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        batch["labels"] = torch.tensor([int(r[self.label_key]) for r in rows], dtype=torch.long)
+        return batch
