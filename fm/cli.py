@@ -1,4 +1,4 @@
-"""`fm` command line: pretrain | embed | demo | corpus."""
+"""`fm` command line: pretrain | finetune | embed | demo | eval | corpus."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,27 @@ def _cmd_pretrain(args) -> int:
         first, last = result.history[0], result.history[-1]
         print(f"steps {result.step}; loss {first['loss']:.4f} (step {int(first['step'])}) → "
               f"{last['loss']:.4f} (step {int(last['step'])}); model: {result.export_dir}")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from fm.config import load_config
+    from fm.paths import recipe_path
+    from fm.tasks import run_finetune
+    from fm.train import EXIT_PREEMPTED
+
+    cfg = load_config(recipe_path(args.recipe), args.overrides)
+    result = run_finetune(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_PREEMPTED if result.stopped else 0
+    if result.stopped:
+        print(f"stopped by signal at step {result.step}; checkpoint saved in {cfg.train.output_dir}; "
+              "rerun with --resume")
+        return EXIT_PREEMPTED
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"{cfg.task.name}: steps {result.step}; loss {first['loss']:.4f} → {last['loss']:.4f}; "
+              f"model: {result.export_dir}")
     return 0
 
 
@@ -77,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a task head (task.name) from model.init_from=DIR")
+    p.add_argument("recipe", help="recipe YAML path, e.g. recipes/finetune/annotation.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value; model.init_from=<exported model dir> is required")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("embed", help="zero-shot cell embeddings into obsm of an .h5ad")
     p.add_argument("--model", required=True, help="exported model directory")

@@ -143,6 +143,31 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
 
+TASKS = ("annotation",)
+
+
+@dataclass
+class TaskConfig:
+    """Fine-tuning task (`fm finetune`); pretraining ignores this section."""
+
+    name: str = "annotation"
+    """Which task head to fine-tune: 'annotation' (cell-type classification)."""
+    label_key: str = "cell_type"
+    """obs column holding each cell's label; missing values (NaN/empty) are left out of the loss."""
+    min_cells_per_class: int = 1
+    """Classes with fewer labelled cells than this are treated as missing labels (and reported)."""
+    unknown_threshold: float = 0.5
+    """fm.annotate calls a cell 'unknown' when its top class probability is below this (saved in the model)."""
+
+    def __post_init__(self):
+        if self.name not in TASKS:
+            raise ValueError(f"task.name must be one of {TASKS}, got {self.name!r}")
+        if self.min_cells_per_class < 1:
+            raise ValueError(f"task.min_cells_per_class must be >= 1, got {self.min_cells_per_class}")
+        if not 0.0 <= self.unknown_threshold <= 1.0:
+            raise ValueError(f"task.unknown_threshold must be in [0, 1], got {self.unknown_threshold}")
+
+
 @dataclass
 class RunConfig:
     """A whole run: what to build, what to feed it, how to train it."""
@@ -150,6 +175,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -44,7 +44,8 @@ def recipe_path(name_or_path: str | Path) -> Path:
     if path.is_file():
         return path
     for root in (Path(__file__).resolve().parent / "_recipes", _REPO_ROOT / "recipes"):
-        for candidate in (root / path, root / "pretrain" / f"{path}.yaml", root / f"{path}.yaml"):
+        for candidate in (root / path, root / "pretrain" / f"{path}.yaml", root / "finetune" / f"{path}.yaml",
+                          root / f"{path}.yaml"):
             if candidate.is_file():
                 return candidate
     raise FileNotFoundError(f"recipe not found: {name_or_path} (a YAML path, or a shipped name like 'debug')")

@@ -1,0 +1,103 @@
+"""Task heads on the scfm backbone (issue #6), one `ScFMFor<Task>` class per task.
+
+The pattern every head follows:
+- subclass ScFMPreTrainedModel, hold the backbone as `self.scfm = ScFMModel(config)` (base_model_prefix),
+  so `from_pretrained(<pretrained dir>, ...)` loads the backbone and creates only the head;
+- name head modules `*_head`: loading the bare backbone (AutoModel) from a head checkpoint drops
+  their keys silently, and a pretraining checkpoint's heads (gep_head, mvc_head) are dropped when
+  a task head is initialised from it;
+- forward(gene_ids, values, attention_mask, condition_ids, labels=None) → a ModelOutput with
+  `.loss` when labels are given, so the one loop `fm.train.train` trains it unchanged;
+- task metadata lives in the config (transformers conventions: num_labels, id2label, label2id),
+  so an exported directory is self-describing and `fm.load` rebuilds it from config.architectures;
+- register the class with the matching Auto class in `register_head_auto_classes`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+from transformers.utils import ModelOutput
+
+from .configuration_scfm import ScFMConfig
+from .modeling_scfm import ScFMModel, ScFMPreTrainedModel
+
+IGNORE_INDEX = -100
+"""Label of a cell without a known class: skipped by the loss (PyTorch's cross-entropy default)."""
+
+
+@dataclass
+class ScFMCellClassificationOutput(ModelOutput):
+    """loss: mean cross-entropy over labelled cells (when labels given); logits (B, num_labels);
+    cell_embedding (B, D) from the backbone."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+
+
+class ScFMClassificationHead(nn.Module):
+    """Dropout → Linear(D, D) → GELU → dropout → Linear(D, num_labels) on the cell embedding."""
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        p = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.dropout if p is None else p)
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.out = nn.Linear(config.d_model, config.num_labels)
+
+    def forward(self, cell: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(F.gelu(self.dense(self.dropout(cell)))))
+
+
+class ScFMForCellClassification(ScFMPreTrainedModel):
+    """Backbone + MLP head on the cell embedding: cell-type annotation (and any per-cell label).
+
+    `config.num_labels`, `config.id2label`, `config.label2id` name the classes; labels equal to
+    IGNORE_INDEX (-100) are cells with a missing label and do not count in the loss.
+    """
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__(config)
+        self.scfm = ScFMModel(config)
+        self.classifier_head = ScFMClassificationHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        condition_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> ScFMCellClassificationOutput | tuple:
+        """labels: (B,) long class index per cell, IGNORE_INDEX for unlabelled cells."""
+        out = self.scfm(gene_ids, values, attention_mask, condition_ids)
+        logits = self.classifier_head(out.cell_embedding)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device).long()
+            if bool((labels != IGNORE_INDEX).any()):
+                loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            else:  # a batch of unlabelled cells: zero loss, still in the graph
+                loss = logits.float().sum() * 0.0
+        result = ScFMCellClassificationOutput(loss=loss, logits=logits, cell_embedding=out.cell_embedding)
+        return result if return_dict else result.to_tuple()
+
+
+def register_head_auto_classes() -> None:
+    """AutoModelForSequenceClassification resolves model_type "scfm" to ScFMForCellClassification."""
+    AutoModelForSequenceClassification.register(ScFMConfig, ScFMForCellClassification, exist_ok=True)
+
+
+register_head_auto_classes()
+
+HEADS = {cls.__name__: cls for cls in (ScFMForCellClassification,)}
+"""Architecture name (config.architectures[0]) → class, for fm.load."""
+
+__all__ = ["HEADS", "IGNORE_INDEX", "ScFMCellClassificationOutput", "ScFMClassificationHead",
+           "ScFMForCellClassification", "register_head_auto_classes"]

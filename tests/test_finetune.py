@@ -1,0 +1,224 @@
+"""Cell-type annotation (issue #6, first head): ScFMForCellClassification, the labelled collator,
+`fm finetune` on real PBMC labels through the one training loop, fm.annotate, bad label input."""
+from __future__ import annotations
+
+import json
+import logging
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import fm
+from fm.cli import main
+from fm.config import load_config
+from fm.data import LabeledCellCollator
+from fm.heads import IGNORE_INDEX, ScFMForCellClassification
+from fm.paths import recipe_path
+from fm.tasks.annotation import build_classifier, encode_classes, load_labeled_cells, run_annotation
+from fm.tokenizer import TOKENIZER_FILE, CellTokenizer
+
+RECIPE = "finetune/annotation"
+CLASSES = ["B", "NK", "T"]
+
+
+def _classifier(tiny_model_dir, classes=CLASSES):
+    torch.manual_seed(0)
+    return ScFMForCellClassification.from_pretrained(
+        tiny_model_dir, num_labels=len(classes), id2label=dict(enumerate(classes)),
+        label2id={c: i for i, c in enumerate(classes)}, output_loading_info=True)
+
+
+def _batch(tiny_model_dir, adata, labels):
+    tokenizer = CellTokenizer.from_pretrained(tiny_model_dir)
+    cells = tokenizer.encode(adata)
+    config = transformers.AutoConfig.from_pretrained(tiny_model_dir)
+    collator = LabeledCellCollator(n_bins=config.n_bins, max_genes=config.max_genes,
+                                   pad_token_id=config.pad_token_id, zero_fraction=config.zero_fraction)
+    rows = [dict(cells[i], label=int(labels[i])) for i in range(len(cells))]
+    return collator(rows)
+
+
+def test_head_init_from_pretrained_shapes_and_ignored_labels(tiny_model_dir, pbmc_small):
+    model, info = _classifier(tiny_model_dir)
+    assert sorted(info["missing_keys"]) == sorted(f"classifier_head.{n}" for n in
+                                                  ("dense.weight", "dense.bias", "out.weight", "out.bias"))
+    assert not info["unexpected_keys"], "pretraining heads (gep_head, mvc_head) are dropped silently"
+    pretrained = transformers.AutoModel.from_pretrained(tiny_model_dir)
+    torch.testing.assert_close(model.scfm.embeddings.gene.weight, pretrained.embeddings.gene.weight)
+    assert model.config.num_labels == 3 and model.config.id2label[1] == "NK"
+
+    labels = np.arange(32) % 3
+    batch = _batch(tiny_model_dir, pbmc_small[:32], labels)
+    assert batch["labels"].dtype == torch.long and "masked_positions" not in batch
+    assert not (batch["values"] == model.config.mask_value_id).any(), "fine-tuning inputs are never masked"
+    model.eval()
+    out = model(**batch)
+    assert out.logits.shape == (32, 3) and out.cell_embedding.shape == (32, model.config.d_model)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+    # cells labelled IGNORE_INDEX do not count: same loss as scoring the labelled cells only
+    partial = batch["labels"].clone()
+    partial[::2] = IGNORE_INDEX
+    loss = model(**{**batch, "labels": partial}).loss
+    keep = partial != IGNORE_INDEX
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(out.logits[keep], partial[keep]))
+    none = model(**{**batch, "labels": torch.full_like(partial, IGNORE_INDEX)}).loss
+    assert float(none.detach()) == 0.0 and none.requires_grad
+    with pytest.raises(ValueError, match="train=False"):
+        LabeledCellCollator(train=True)
+
+
+def test_loss_goes_down(tiny_model_dir, pbmc_small):
+    model, _ = _classifier(tiny_model_dir)
+    names = pbmc_small.obs["cell_type"].astype(str).to_numpy()[:48]
+    classes = sorted(set(names))
+    batch = _batch(tiny_model_dir, pbmc_small[:48], np.array([classes.index(n) for n in names]))
+    model.classifier_head.out = torch.nn.Linear(model.config.d_model, len(classes))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_model_dir, tmp_path_factory):
+    """`fm finetune` on all PBMC cells for a few steps (the shipped recipe, shrunk)."""
+    out = tmp_path_factory.mktemp("annotation")
+    code = main(["finetune", RECIPE, f"model.init_from={tiny_model_dir}", f"train.output_dir={out}",
+                 "train.max_steps=6", "train.batch_size=16", "train.progress=false", "train.save_every=0",
+                 "train.eval_every=0", "train.warmup_steps=1", "data.max_genes=64", "task.unknown_threshold=0.2"])
+    assert code == 0
+    return out / "model"
+
+
+def test_finetune_exports_labels_and_tokenizer(finetuned, tiny_model_dir):
+    config = json.loads((finetuned / "config.json").read_text())
+    assert config["architectures"] == ["ScFMForCellClassification"]
+    assert len(config["id2label"]) == 9 and config["id2label"]["0"] == "B"
+    assert config["unknown_threshold"] == 0.2 and config["label_key"] == "cell_type"
+    assert (finetuned / TOKENIZER_FILE).is_file()
+    assert CellTokenizer.from_pretrained(finetuned).vocab.sha256 == CellTokenizer.from_pretrained(tiny_model_dir).vocab.sha256
+    model = fm.load(finetuned)
+    assert isinstance(model, ScFMForCellClassification) and not model.training
+
+    # AutoModel: the backbone alone, nothing missing or unexpected; the Auto head class finds the head
+    backbone, info = transformers.AutoModel.from_pretrained(finetuned, output_loading_info=True)
+    assert type(backbone).__name__ == "ScFMModel"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(backbone.layers[0].attn.qkv.weight, model.scfm.layers[0].attn.qkv.weight)
+    assert isinstance(transformers.AutoModelForSequenceClassification.from_pretrained(finetuned),
+                      ScFMForCellClassification)
+
+
+def test_annotate_fields_deterministic_x_untouched(finetuned, pbmc_small, tiny_model_dir):
+    model = fm.load(finetuned)
+    x_before = pbmc_small.X.copy()
+    labels = fm.annotate(pbmc_small, model, batch_size=32)
+    classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    obs, probs = pbmc_small.obs, pbmc_small.obsm["fm_cell_type_probabilities"]
+    assert list(pbmc_small.uns["fm_cell_type_classes"]) == classes
+    assert probs.shape == (pbmc_small.n_obs, 9) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    conf = obs["fm_cell_type_confidence"].to_numpy()
+    assert conf.dtype == np.float32
+    np.testing.assert_array_equal(conf, probs.max(1))
+    expected = np.where(conf < 0.2, "unknown", np.asarray(classes)[probs.argmax(1)])  # config threshold 0.2
+    np.testing.assert_array_equal(obs["fm_cell_type"].astype(str).to_numpy(), expected)
+    np.testing.assert_array_equal(np.asarray(labels, dtype=str), expected)
+    assert (pbmc_small.X != x_before).nnz == 0, "X untouched"
+
+    again = pbmc_small.copy()
+    fm.annotate(again, model, batch_size=32, key="ct", threshold=1.0)  # deterministic: same numbers
+    np.testing.assert_array_equal(again.obsm["ct_probabilities"], probs)
+    np.testing.assert_array_equal(again.obsm["fm_cell_type_probabilities"], probs)  # copied, not recomputed
+    assert (again.obs["ct"] == "unknown").all()
+    fm.annotate(again, model, batch_size=7, key="ct", threshold=0.0)  # other padding: equal up to float noise
+    np.testing.assert_allclose(again.obsm["ct_probabilities"], probs, rtol=1e-5, atol=1e-6)
+    assert not (again.obs["ct"] == "unknown").any()
+    with pytest.raises(ValueError, match="classifier head"):
+        fm.annotate(pbmc_small, fm.load(tiny_model_dir))
+
+
+def test_save_load_same_predictions(finetuned, pbmc_small, tmp_path):
+    model = fm.load(finetuned)
+    reference = fm.annotate(pbmc_small, model)
+    probs = pbmc_small.obsm["fm_cell_type_probabilities"].copy()
+    model.save_pretrained(tmp_path)
+    model.cell_tokenizer.save_pretrained(tmp_path)
+    again = pbmc_small.copy()
+    np.testing.assert_array_equal(fm.annotate(again, fm.load(tmp_path)), reference)
+    np.testing.assert_array_equal(again.obsm["fm_cell_type_probabilities"], probs)
+
+
+# ----------------------------------------------------------------------------- bad label input
+
+def _write(adata, path):
+    adata.write_h5ad(path)
+    return path
+
+
+def test_single_class_is_a_clear_error(tiny_model_dir, pbmc_small, tmp_path):
+    a = pbmc_small.copy()
+    a.obs["cell_type"] = "T"
+    path = _write(a, tmp_path / "one.h5ad")
+    cfg = load_config(recipe_path(RECIPE), [f"model.init_from={tiny_model_dir}", f"data.paths=[{path}]",
+                                            f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="at least 2.*task.label_key"):
+        run_annotation(cfg)
+
+
+def test_missing_label_column_names_file_and_column(tiny_model_dir, pbmc_small, tmp_path):
+    path = _write(pbmc_small, tmp_path / "pbmc.h5ad")
+    cfg = load_config(recipe_path(RECIPE), [f"model.init_from={tiny_model_dir}", f"data.paths=[{path}]",
+                                            "task.label_key=celltype_l2", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(KeyError, match=r"pbmc\.h5ad.*celltype_l2"):
+        run_annotation(cfg)
+    assert main(["finetune", RECIPE, f"model.init_from={tiny_model_dir}", f"data.paths=[{path}]",
+                 "task.label_key=celltype_l2", f"train.output_dir={tmp_path / 'run'}"]) == 2
+
+
+def test_missing_init_from_is_a_clear_error(capsys):
+    assert main(["finetune", RECIPE]) == 2
+    assert "model.init_from" in capsys.readouterr().err
+
+
+def test_cells_without_labels_are_ignored_and_reported(tiny_model_dir, pbmc_small, tmp_path, caplog):
+    a = pbmc_small.copy()
+    names = a.obs["cell_type"].astype(object).to_numpy()
+    names[:5] = np.nan
+    names[5:8] = ""
+    a.obs["cell_type"] = names
+    a.obs.loc[a.obs_names[8], "cell_type"] = "Rare"  # 1 cell < min_cells_per_class=2
+    path = _write(a, tmp_path / "partial.h5ad")
+    with caplog.at_level(logging.WARNING, logger="fm"):
+        data, classes = load_labeled_cells([path], CellTokenizer.from_pretrained(tiny_model_dir), "cell_type", 2)
+    assert "Rare" not in classes and len(classes) >= 2
+    assert len(data) == a.n_obs and (data.labels[:9] == IGNORE_INDEX).all() and (data.labels[9:] >= 0).all()
+    assert "9 of 200 cells have no usable obs['cell_type'] label (8 missing/empty, 1 in dropped classes)" in caplog.text
+    assert data[0]["label"] == IGNORE_INDEX and data[9]["label"] == classes.index(str(names[9]))
+    labels, _ = encode_classes(np.array(["a", None, "b"], dtype=object), 1, "x")
+    assert labels.tolist() == [0, IGNORE_INDEX, 1]
+
+
+def test_default_task_section_is_harmless():
+    cfg = load_config(recipe_path("debug"))
+    assert cfg.task.name == "annotation" and cfg.data.paths
+    ft = load_config(recipe_path(RECIPE))
+    assert ft.task.label_key == "cell_type" and ft.data.paths and ft.model.init_from is None
+    with pytest.raises(ValueError, match="task.name"):
+        load_config(None, ["task.name=segmentation"])
+
+
+def test_build_classifier_refuses_a_non_backbone(tmp_path, tiny_model_dir):
+    cfg = load_config(recipe_path(RECIPE), [f"model.init_from={tiny_model_dir}"])
+    model = build_classifier(str(tiny_model_dir), CLASSES, cfg)
+    assert model.config.unknown_threshold == cfg.task.unknown_threshold
