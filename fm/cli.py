@@ -16,47 +16,39 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _report_run(result, cfg, label: str) -> int:
+    """Exit code and one summary line per job (rank 0) for a training run of any kind."""
+    from fm.train import EXIT_PREEMPTED
+
+    code = EXIT_PREEMPTED if result.stopped else 0  # SIGTERM: checkpoint saved; the job script requeues
+    if os.environ.get("RANK", "0") != "0":
+        return code
+    if result.stopped:
+        print(f"stopped by signal at step {result.step}; checkpoint saved in {cfg.train.output_dir}; "
+              "rerun with --resume")
+    elif result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"{label}: steps {result.step}; loss {first['loss']:.4f} (step {int(first['step'])}) → "
+              f"{last['loss']:.4f} (step {int(last['step'])}); model: {result.export_dir}")
+    return code
+
+
 def _cmd_pretrain(args) -> int:
     from fm.config import load_config
     from fm.paths import recipe_path
     from fm.pretrain import run_pretraining
 
     cfg = load_config(recipe_path(args.recipe), args.overrides)
-    result = run_pretraining(cfg, resume=args.resume)
-    from fm.train import EXIT_PREEMPTED
-    code = EXIT_PREEMPTED if result.stopped else 0  # SIGTERM: checkpoint saved; the job script requeues
-    if os.environ.get("RANK", "0") != "0":  # one summary per job, from rank 0
-        return code
-    if result.stopped:
-        print(f"stopped by signal at step {result.step}; checkpoint saved in {cfg.train.output_dir}; "
-              "rerun with --resume")
-        return code
-    if result.history:
-        first, last = result.history[0], result.history[-1]
-        print(f"steps {result.step}; loss {first['loss']:.4f} (step {int(first['step'])}) → "
-              f"{last['loss']:.4f} (step {int(last['step'])}); model: {result.export_dir}")
-    return 0
+    return _report_run(run_pretraining(cfg, resume=args.resume), cfg, "pretrain")
 
 
 def _cmd_finetune(args) -> int:
     from fm.config import load_config
     from fm.paths import recipe_path
     from fm.tasks import run_finetune
-    from fm.train import EXIT_PREEMPTED
 
     cfg = load_config(recipe_path(args.recipe), args.overrides)
-    result = run_finetune(cfg, resume=args.resume)
-    if os.environ.get("RANK", "0") != "0":
-        return EXIT_PREEMPTED if result.stopped else 0
-    if result.stopped:
-        print(f"stopped by signal at step {result.step}; checkpoint saved in {cfg.train.output_dir}; "
-              "rerun with --resume")
-        return EXIT_PREEMPTED
-    if result.history:
-        first, last = result.history[0], result.history[-1]
-        print(f"{cfg.task.name}: steps {result.step}; loss {first['loss']:.4f} → {last['loss']:.4f}; "
-              f"model: {result.export_dir}")
-    return 0
+    return _report_run(run_finetune(cfg, resume=args.resume), cfg, cfg.task.name)
 
 
 def _cmd_embed(args) -> int:
