@@ -257,7 +257,8 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
         log.warning("stopped by signal after step %d; checkpoint saved, continue with --resume (exit code %d)",
                     step, EXIT_PREEMPTED)
         return TrainResult(step, history, None, stopped=True, model=model)
-    log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size), accelerator)
+    if not (cfg.eval_every and step % cfg.eval_every == 0):  # the loop has not just evaluated this step
+        log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size), accelerator)
     export_dir = None
     if export is not None:
         export_dir = out / "model"
