@@ -9,14 +9,19 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
-from fm import heads, modeling_scfm
+from fm import modeling_scfm
+from fm.heads import HEAD_MODULES, head_class
 from fm.data.collator import CellCollator
 from fm.tokenizer import CellTokenizer
 
 
-ARCHITECTURES = {name: getattr(modeling_scfm, name) for name in ("ScFMModel", "ScFMForMaskedExpression")}
-ARCHITECTURES.update(heads.HEADS)
-"""config.architectures[0] → class: the backbone, pretraining and every task head."""
+BACKBONES = {name: getattr(modeling_scfm, name) for name in ("ScFMModel", "ScFMForMaskedExpression")}
+"""config.architectures[0] → class for the backbone and the pretraining model; task heads: HEAD_MODULES."""
+
+
+def architecture_class(name: str) -> type | None:
+    """The model class fm.load builds for config.architectures[0] == name (None: unknown)."""
+    return BACKBONES.get(name) or head_class(name)
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> PreTrainedModel:
@@ -31,9 +36,9 @@ def load(path: str | Path, device: str | torch.device | None = None) -> PreTrain
                                 "(e.g. runs/<name>/model), not the run or checkpoint directory")
     config = AutoConfig.from_pretrained(path)
     arch = (config.architectures or ["ScFMModel"])[0]
-    cls = ARCHITECTURES.get(arch)
+    cls = architecture_class(arch)
     if cls is None:
-        raise ValueError(f"{path}: unknown architecture {arch!r} (known: {', '.join(sorted(ARCHITECTURES))})")
+        raise ValueError(f"{path}: unknown architecture {arch!r} (known: {', '.join(sorted([*BACKBONES, *HEAD_MODULES]))})")
     model = cls.from_pretrained(path, use_safetensors=True)
     model.cell_tokenizer = CellTokenizer.from_pretrained(path)
     model.eval()

@@ -143,21 +143,48 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
 
-TASKS = ("annotation",)
+TASKS = ("annotation", "imputation", "batch_correction", "modality_prediction", "cci")
+"""Fine-tuning tasks; each has recipes/finetune/<name>.yaml and fm/tasks/<name>.py."""
 
 
 @dataclass
 class TaskConfig:
-    """Fine-tuning task (`fm finetune`); pretraining ignores this section."""
+    """Fine-tuning task (`fm finetune`); pretraining ignores this section. Fields are grouped by task."""
 
     name: str = "annotation"
-    """Which task head to fine-tune: 'annotation' (cell-type classification)."""
+    """Which head to fine-tune: annotation | imputation | batch_correction | modality_prediction | cci."""
+    freeze_gene_embedding: bool = True
+    """Keep the pretrained gene-embedding table fixed (157k rows: dense AdamW updates of it dominate a
+    fine-tuning step, and genes absent from the fine-tuning data gain nothing from training)."""
+    freeze_backbone: bool = False
+    """Train the head only (a probe of the pretrained representation)."""
+    # -- annotation (and the cell-type column of cci)
     label_key: str = "cell_type"
     """obs column holding each cell's label; missing values (NaN/empty) are left out of the loss."""
     min_cells_per_class: int = 1
     """Classes with fewer labelled cells than this are treated as missing labels (and reported)."""
     unknown_threshold: float = 0.5
     """fm.annotate calls a cell 'unknown' when its top class probability is below this (saved in the model)."""
+    # -- imputation
+    target_scale: str = "log1p"
+    """Scale the imputation head predicts and fm.impute writes: 'log1p' (log1p of counts per 1e4) or 'normalized'."""
+    # -- batch_correction
+    batch_key: str = "batch"
+    """obs column naming each cell's batch (a condition token and the discriminator's target)."""
+    dar_weight: float = 1.0
+    """Weight of the adversarial batch discriminator loss (scGPT's DAR), behind gradient reversal."""
+    ecs_weight: float = 10.0
+    """Weight of the elastic cell-similarity loss (scGPT's ECS); 0 disables it."""
+    ecs_threshold: float = 0.8
+    """ECS pushes cell-embedding cosine similarities below this and pulls those above it up (scGPT's 0.8)."""
+    # -- modality_prediction
+    protein_key: str = "protein_counts"
+    """obsm key of the surface-protein (ADT) counts to predict (CLR-normalised per cell)."""
+    # -- cci (spatial niche model)
+    spatial_key: str = "spatial"
+    """obsm key of the cells' spatial coordinates."""
+    n_neighbors: int = 8
+    """Spatial neighbours that form a cell's niche."""
 
     def __post_init__(self):
         if self.name not in TASKS:
@@ -166,6 +193,13 @@ class TaskConfig:
             raise ValueError(f"task.min_cells_per_class must be >= 1, got {self.min_cells_per_class}")
         if not 0.0 <= self.unknown_threshold <= 1.0:
             raise ValueError(f"task.unknown_threshold must be in [0, 1], got {self.unknown_threshold}")
+        if self.target_scale not in ("log1p", "normalized"):
+            raise ValueError(f"task.target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
+        if self.n_neighbors < 1:
+            raise ValueError(f"task.n_neighbors must be >= 1, got {self.n_neighbors}")
+        for name in ("dar_weight", "ecs_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"task.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from fm.config import load_config
 from fm.data import LabeledCellCollator
 from fm.heads import IGNORE_INDEX, ScFMForCellClassification
 from fm.paths import recipe_path
-from fm.tasks.annotation import build_classifier, encode_classes, load_labeled_cells, run_annotation
+from fm.tasks.annotation import build_classifier, encode_classes, load_labeled_cells, run as run_annotation
 from fm.tokenizer import TOKENIZER_FILE, CellTokenizer
 
 RECIPE = "finetune/annotation"
@@ -29,6 +29,11 @@ def _classifier(tiny_model_dir, classes=CLASSES):
     return ScFMForCellClassification.from_pretrained(
         tiny_model_dir, num_labels=len(classes), id2label=dict(enumerate(classes)),
         label2id={c: i for i, c in enumerate(classes)}, output_loading_info=True)
+
+
+def _rows(tiny_model_dir, adata):
+    cells = CellTokenizer.from_pretrained(tiny_model_dir).encode(adata)
+    return [cells[i] for i in range(len(cells))]
 
 
 def _batch(tiny_model_dir, adata, labels):
@@ -67,8 +72,11 @@ def test_head_init_from_pretrained_shapes_and_ignored_labels(tiny_model_dir, pbm
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(out.logits[keep], partial[keep]))
     none = model(**{**batch, "labels": torch.full_like(partial, IGNORE_INDEX)}).loss
     assert float(none.detach()) == 0.0 and none.requires_grad
-    with pytest.raises(ValueError, match="train=False"):
+    with pytest.raises(ValueError, match="masked bins"):
         LabeledCellCollator(train=True)
+    proteins = LabeledCellCollator(n_bins=51, max_genes=32, targets={"y": "targets"})(
+        [dict(r, y=np.arange(3, dtype=np.float64)) for r in (_rows(tiny_model_dir, adata=pbmc_small[:4]))])
+    assert proteins["targets"].dtype == torch.float32 and proteins["targets"].shape == (4, 3)
 
 
 def test_loss_goes_down(tiny_model_dir, pbmc_small):
@@ -200,9 +208,10 @@ def test_cells_without_labels_are_ignored_and_reported(tiny_model_dir, pbmc_smal
     a.obs.loc[a.obs_names[8], "cell_type"] = "Rare"  # 1 cell < min_cells_per_class=2
     path = _write(a, tmp_path / "partial.h5ad")
     with caplog.at_level(logging.WARNING, logger="fm"):
-        data, classes = load_labeled_cells([path], CellTokenizer.from_pretrained(tiny_model_dir), "cell_type", 2)
+        data, classes = load_labeled_cells([(a, str(path))], CellTokenizer.from_pretrained(tiny_model_dir),
+                                           "cell_type", 2)
     assert "Rare" not in classes and len(classes) >= 2
-    assert len(data) == a.n_obs and (data.labels[:9] == IGNORE_INDEX).all() and (data.labels[9:] >= 0).all()
+    assert len(data) == a.n_obs and (data.targets["label"][:9] == IGNORE_INDEX).all() and (data.targets["label"][9:] >= 0).all()
     assert "9 of 200 cells have no usable obs['cell_type'] label (8 missing/empty, 1 in dropped classes)" in caplog.text
     assert data[0]["label"] == IGNORE_INDEX and data[9]["label"] == classes.index(str(names[9]))
     labels, _ = encode_classes(np.array(["a", None, "b"], dtype=object), 1, "x")
@@ -220,5 +229,36 @@ def test_default_task_section_is_harmless():
 
 def test_build_classifier_refuses_a_non_backbone(tmp_path, tiny_model_dir):
     cfg = load_config(recipe_path(RECIPE), [f"model.init_from={tiny_model_dir}"])
-    model = build_classifier(str(tiny_model_dir), CLASSES, cfg)
+    model = build_classifier(CLASSES, cfg)
     assert model.config.unknown_threshold == cfg.task.unknown_threshold
+    assert not model.scfm.embeddings.gene.weight.requires_grad, "task.freeze_gene_embedding defaults on"
+    assert model.scfm.layers[0].attn.qkv.weight.requires_grad and model.classifier_head.out.weight.requires_grad
+    head_only = build_classifier(CLASSES, load_config(recipe_path(RECIPE), [f"model.init_from={tiny_model_dir}",
+                                                                             "task.freeze_backbone=true"]))
+    assert not any(p.requires_grad for p in head_only.scfm.parameters())
+    with pytest.raises(ValueError, match="full backbone"):
+        build_classifier(CLASSES, load_config(recipe_path(RECIPE), [f"model.init_from={_headless(tmp_path, tiny_model_dir)}"]))
+
+
+def _headless(tmp_path, tiny_model_dir):
+    """A checkpoint directory whose weights lack the backbone's layers (not an scfm backbone)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layers." not in k}, out / "model.safetensors")
+    return out
+
+
+def test_finetune_from_python_on_anndata(tiny_model_dir, pbmc_small, tmp_path):
+    """fm.finetune: the Python path of `fm finetune`, on an in-memory AnnData; returns the loaded head."""
+    model = fm.finetune(tiny_model_dir, pbmc_small, task="annotation", output_dir=tmp_path / "ft",
+                        train__max_steps=3, train__batch_size=16, train__progress=False, train__save_every=0,
+                        data__max_genes=32, overrides={"task.min_cells_per_class": 1})
+    assert isinstance(model, ScFMForCellClassification) and model.config.num_labels >= 2
+    assert model.cell_tokenizer is not None and (tmp_path / "ft" / "config.yaml").is_file()
+    with pytest.raises(ValueError, match="task must be"):
+        fm.finetune(tiny_model_dir, pbmc_small, task="segmentation")

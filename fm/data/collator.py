@@ -7,7 +7,7 @@ reproducible — and the whole batch is processed with a handful of numpy calls,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -220,25 +220,37 @@ class CellCollator:
         return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
+def _default_targets() -> dict:
+    return {"label": "labels"}
 
 
 @dataclass
 class LabeledCellCollator(CellCollator):
-    """CellCollator for fine-tuning: rows also carry an integer "label" → `labels` (B,) long.
+    """CellCollator for fine-tuning: per-cell targets in the rows → stacked tensors in the batch.
 
+    `targets` maps a row key to a batch key: {"label": "labels"} (default) turns an int per cell into
+    `labels` (B,) long; a float vector per cell (e.g. protein abundances) becomes (B, P) float32.
     Genes are chosen as at inference (train=False by default: most expressed genes, no value
-    masking), so a fine-tuned head sees cells exactly as `fm.annotate` will show them.
+    masking), so a fine-tuned head sees cells exactly as fm.annotate / fm.predict_protein show them.
+    train=True keeps pretraining's masking (masked bins in `labels`), so targets must then use other
+    batch keys.
     """
 
     train: bool = False
-    label_key: str = "label"
+    targets: dict = field(default_factory=_default_targets)
 
     def __post_init__(self):
-        if self.train:
-            raise ValueError("LabeledCellCollator chooses genes as at inference (train=False); value masking "
-                             "is a pretraining objective")
+        if self.train and "labels" in self.targets.values():
+            raise ValueError("with train=True the batch key 'labels' holds the masked bins; name the targets "
+                             f"otherwise (targets={self.targets})")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().__call__(rows)
-        batch["labels"] = torch.tensor([int(r[self.label_key]) for r in rows], dtype=torch.long)
+        for key, name in self.targets.items():
+            value = np.stack([np.asarray(r[key]) for r in rows])
+            if np.issubdtype(value.dtype, np.floating):
+                value = value.astype(np.float32)
+            elif np.issubdtype(value.dtype, np.integer) or value.dtype == bool:
+                value = value.astype(np.int64)
+            batch[name] = torch.from_numpy(value)
         return batch

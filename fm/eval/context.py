@@ -34,6 +34,7 @@ class EvalContext:
     caps: dict
     _models: dict = field(default_factory=dict, repr=False)
     _embeddings: dict = field(default_factory=dict, repr=False)
+    _finetuned: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.output_dir = Path(self.output_dir)
@@ -149,6 +150,32 @@ class EvalContext:
         emb = np.nan_to_num(emb)  # cells without any vocabulary gene: zero vector, not NaN
         self._embeddings[key] = emb
         return emb
+
+    def fm_finetune(self, train_adata, model_dir: Path, task: str, dataset: str, seed: int, **overrides):
+        """Fine-tune `task`'s head from `model_dir` on `train_adata` (the harness's train split only:
+        test cells never reach the fine-tuning) and return the loaded fine-tuned model.
+
+        The recipe is recipes/finetune/<task>.yaml with train.seed = seed, then the suite's
+        caps.finetune overrides (dotted keys, e.g. {train.max_steps: 150}), then `overrides`. The run
+        goes to <output>/finetune/<task>_<dataset>_seed<seed>_<model label>; a previous run there is
+        replaced (its split may differ). Cached per (model, task, dataset, seed) within one harness run.
+        """
+        import shutil
+
+        import fm
+
+        label = self.model_label(model_dir)
+        key = (str(Path(model_dir).resolve()), task, dataset, seed)
+        if key not in self._finetuned:
+            out = self.output_dir / "finetune" / f"{task}_{dataset}_seed{seed}_{label}"
+            if out.exists():
+                shutil.rmtree(out)
+            settings = {"train.seed": seed, "train.progress": False, "train.save_every": 0,
+                        **(self.cap("finetune") or {}), **overrides}
+            log.info("fine-tuning %s for %s on %d train cells of %s (seed %d) → %s", label, task, train_adata.n_obs,
+                     dataset, seed, out)
+            self._finetuned[key] = fm.finetune(model_dir, train_adata, task=task, output_dir=out, overrides=settings)
+        return self._finetuned[key]
 
 
 def log_normalise(adata):

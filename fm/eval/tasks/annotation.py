@@ -3,7 +3,9 @@
 Every method sees the same cells, the same normalisation (log1p of counts/1e4 over the file's
 genes) and the same genes (HVGs chosen on the train split). Splits: `random` (stratified, per
 seed) or `column` (e.g. Kang: train on ctrl, test on stim — a shift the model has to survive).
-FM methods use zero-shot embeddings of the same cells × genes (raw counts, as the FM expects).
+FM methods use zero-shot embeddings of the same cells × genes (raw counts, as the FM expects):
+fm_knn / fm_logreg classify them; fm_finetune fine-tunes the annotation head on the train cells
+only (recipes/finetune/annotation.yaml + caps.finetune) and predicts the test cells.
 """
 from __future__ import annotations
 
@@ -64,8 +66,19 @@ def _celltypist(xtr, ytr, xte, seed, ctx, genes=None, test_full=None, **_):
     return pred.predicted_labels["predicted_labels"].astype(str).to_numpy()
 
 
+def _fm_finetune(adata, train, test, label_key, model_dir, dataset, seed, ctx):
+    """Fine-tune the annotation head on the train cells (their labels in obs[label_key]), then
+    fm.annotate the test cells with no unknown threshold (every cell gets a class)."""
+    import fm
+
+    reference = adata[train].copy()
+    model = ctx.fm_finetune(reference, model_dir, "annotation", dataset, seed,
+                            **{"task.label_key": label_key, "task.min_cells_per_class": 1})
+    return np.asarray(fm.annotate(adata[test].copy(), model, threshold=0.0), dtype=str)
+
+
 METHODS = {"majority": _majority, "logreg": _logreg, "knn_pca": _knn_pca, "celltypist": _celltypist,
-           "fm_knn": _knn, "fm_logreg": _logreg}
+           "fm_knn": _knn, "fm_logreg": _logreg, "fm_finetune": _fm_finetune}
 
 
 def make_split(adata, dataset: dict, seed: int, ctx: EvalContext, labels: np.ndarray):
@@ -119,7 +132,10 @@ def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[
             runs = [(method, None)]
         for name, model_dir in runs:
             with timed() as t:
-                if model_dir is not None:
+                if method == "fm_finetune":
+                    pred = _fm_finetune(adata[:, genes], train, test, dataset["label_key"], model_dir,
+                                        dataset["name"], seed, ctx)
+                elif model_dir is not None:
                     emb = ctx.fm_embeddings(adata[:, genes], model_dir)
                     pred = METHODS[method](emb[train], labels[train], emb[test], seed, ctx, scale=True)
                 else:

@@ -1,6 +1,6 @@
-"""Task heads on the scfm backbone (issue #6), one `ScFMFor<Task>` class per task.
+"""Cell classification head (annotation): ScFMForCellClassification.
 
-The pattern every head follows:
+The pattern every head in fm/heads/ follows:
 - subclass ScFMPreTrainedModel, hold the backbone as `self.scfm = ScFMModel(config)` (base_model_prefix),
   so `from_pretrained(<pretrained dir>, ...)` loads the backbone and creates only the head;
 - name head modules `*_head`: loading the bare backbone (AutoModel) from a head checkpoint drops
@@ -10,7 +10,8 @@ The pattern every head follows:
   `.loss` when labels are given, so the one loop `fm.train.train` trains it unchanged;
 - task metadata lives in the config (transformers conventions: num_labels, id2label, label2id),
   so an exported directory is self-describing and `fm.load` rebuilds it from config.architectures;
-- register the class with the matching Auto class in `register_head_auto_classes`.
+- register the class with the matching Auto class where one exists, and its module in
+  fm/heads/__init__.py HEAD_MODULES (fm.load finds a head by config.architectures[0]).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.utils import ModelOutput
 
-from .configuration_scfm import ScFMConfig
-from .modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.configuration_scfm import ScFMConfig
+from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
 
 IGNORE_INDEX = -100
 """Label of a cell without a known class: skipped by the loss (PyTorch's cross-entropy default)."""
@@ -96,8 +97,5 @@ def register_head_auto_classes() -> None:
 
 register_head_auto_classes()
 
-HEADS = {cls.__name__: cls for cls in (ScFMForCellClassification,)}
-"""Architecture name (config.architectures[0]) → class, for fm.load."""
-
-__all__ = ["HEADS", "IGNORE_INDEX", "ScFMCellClassificationOutput", "ScFMClassificationHead",
+__all__ = ["IGNORE_INDEX", "ScFMCellClassificationOutput", "ScFMClassificationHead",
            "ScFMForCellClassification", "register_head_auto_classes"]

@@ -1,0 +1,173 @@
+"""What every fine-tuning task shares: its input cells (files or in-memory AnnData), per-cell
+targets aligned with them, the held-out split, the head initialised from a pretrained backbone,
+freezing, and one call into the training loop with export.
+
+A task module (fm/tasks/<task>.py) composes these in its `run(cfg, resume, adatas)`:
+
+    sources = task_sources(cfg, adatas)                 # [(AnnData, source name)]
+    data = encode_with_targets(sources, tokenizer, read_targets)   # targets read first: fail fast
+    train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
+    model = load_head(HeadClass, cfg, **config_fields)  # backbone loaded, head new, freezing applied
+    return train_task(model, tokenizer, train_cells, val_cells, collator, cfg, resume)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fm.config import RunConfig
+from fm.tokenizer import CellTokenizer, EncodedCells, subset_cells
+from fm.train import TrainResult, make_accelerator, train
+
+log = logging.getLogger("fm")
+
+
+@dataclass
+class TaskCells:
+    """EncodedCells rows plus per-cell target arrays (first axis = cells) merged into each row."""
+
+    cells: EncodedCells
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.cells[i]
+        for key, values in self.targets.items():
+            row[key] = values[i]
+        return row
+
+    def subset(self, rows: np.ndarray) -> "TaskCells":
+        return TaskCells(subset_cells(self.cells, rows), {k: v[rows] for k, v in self.targets.items()})
+
+
+def require_init(cfg: RunConfig) -> None:
+    """Fine-tuning starts from a pretrained checkpoint; say so before any work."""
+    if not cfg.model.init_from:
+        raise ValueError("fine-tuning needs a pretrained model: pass model.init_from=<exported model directory>")
+    if not (Path(cfg.model.init_from) / "config.json").is_file():
+        raise FileNotFoundError(f"model.init_from={cfg.model.init_from}: no config.json — pass an exported model "
+                                "directory (runs/<name>/model)")
+
+
+def task_sources(cfg: RunConfig, adatas=None) -> list[tuple[object, str]]:
+    """(AnnData, source name) pairs: the in-memory `adatas` (Python API) or the files of data.paths.
+
+    Files are opened backed (X stays on disk and is read in row chunks by the tokenizer).
+    """
+    from fm.data import find_h5ad_files, open_anndata
+
+    if adatas is not None:
+        adatas = [adatas] if not isinstance(adatas, (list, tuple)) else list(adatas)
+        if not adatas:
+            raise ValueError("no AnnData given to fine-tune on")
+        return [(a, f"adata[{i}]") for i, a in enumerate(adatas)]
+    if not cfg.data.paths:
+        raise ValueError("data.paths is empty: name the .h5ad files to fine-tune on")
+    return [(open_anndata(f), str(f)) for f in find_h5ad_files(cfg.data.resolved_paths())]
+
+
+def close_sources(sources) -> None:
+    for adata, _ in sources:
+        if getattr(adata, "isbacked", False):
+            adata.file.close()
+
+
+def encode_with_targets(sources, tokenizer: CellTokenizer,
+                        read_targets: Callable[[object, str], dict[str, np.ndarray]] | None = None
+                        ) -> tuple[EncodedCells, list[dict[str, np.ndarray]]]:
+    """Tokenise every source; `read_targets(adata, source)` runs before the (slow) encoding so bad
+    targets fail fast. Returns the concatenated cells and one target dict per source (rows aligned
+    with that source's cells; empty cells are an error, so no row is dropped)."""
+    parts, targets = [], []
+    for adata, source in sources:
+        targets.append(read_targets(adata, source) if read_targets else {})
+        for key, value in targets[-1].items():
+            if len(value) != adata.n_obs:
+                raise ValueError(f"{source}: target {key!r} has {len(value)} rows for {adata.n_obs} cells")
+        parts.append(tokenizer.encode(adata, source=source))
+    return EncodedCells.concat(parts), targets
+
+
+def concat_targets(per_source: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack per-source target dicts (same keys in every source) along the cell axis."""
+    keys = per_source[0].keys() if per_source else ()
+    return {k: np.concatenate([t[k] for t in per_source]) for k in keys}
+
+
+def split_cells(data: TaskCells, val_fraction: float, seed: int) -> tuple[TaskCells, TaskCells | None]:
+    """A fixed (seed) held-out fraction of cells for periodic evaluation; None when it rounds to 0."""
+    n_val = int(round(len(data) * val_fraction))
+    if n_val == 0:
+        return data, None
+    order = np.random.default_rng(seed).permutation(len(data))
+    return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+
+
+def load_head(cls, cfg: RunConfig, new_backbone_keys: tuple[str, ...] = (), **config_fields):
+    """`cls` (an ScFMFor<Task>) with the backbone of model.init_from and a freshly initialised head.
+
+    `config_fields` go into the model config (and so into the exported config.json: a fine-tuned
+    directory is self-describing). Fails when backbone weights are missing (not an scfm checkpoint),
+    except those starting with one of `new_backbone_keys` (e.g. a condition table the task adds);
+    applies task.freeze_gene_embedding / task.freeze_backbone.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    require_init(cfg)
+    torch.manual_seed(cfg.train.seed)  # same seed, same head init
+    config = AutoConfig.from_pretrained(cfg.model.init_from)
+    config.update({"max_genes": cfg.data.max_genes, **config_fields})  # new keys too (from_pretrained kwargs may not)
+    model, info = cls.from_pretrained(cfg.model.init_from, config=config, output_loading_info=True)
+    backbone_missing = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")
+                        and not k.startswith(tuple(new_backbone_keys))]
+    if backbone_missing:
+        raise ValueError(f"{cfg.model.init_from}: not an scfm checkpoint with a full backbone; missing "
+                         f"{backbone_missing[:5]}")
+    log.info("initialised %s from %s; new head tensors: %d", cls.__name__, cfg.model.init_from, len(info["missing_keys"]))
+    freeze(model, cfg)
+    return model
+
+
+def freeze(model, cfg: RunConfig) -> None:
+    """Apply task.freeze_backbone / task.freeze_gene_embedding (requires_grad off; AdamW skips them)."""
+    backbone = getattr(model, model.base_model_prefix)
+    if cfg.task.freeze_backbone:
+        backbone.requires_grad_(False)
+    elif cfg.task.freeze_gene_embedding:
+        backbone.embeddings.gene.requires_grad_(False)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %d of %d", n_train, n_all)
+
+
+def train_task(model, tokenizer: CellTokenizer, train_cells, val_cells, collator, cfg: RunConfig,
+               resume: bool = False, accelerator=None) -> TrainResult:
+    """Write config.yaml, run the one training loop, export model + tokenizer to output_dir/model."""
+    from fm.pretrain import export_pretrained
+
+    accelerator = accelerator or make_accelerator(cfg.train)
+    if accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        log.info("%s: %d training cells, %d held out", cfg.task.name, len(train_cells),
+                 0 if val_cells is None else len(val_cells))
+    return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells, export=export_pretrained(tokenizer),
+                 resume=resume, accelerator=accelerator, num_workers=cfg.data.num_workers)
+
+
+def collator_kwargs(model, cfg: RunConfig) -> dict:
+    """The CellCollator settings a fine-tuned model is trained and used with (from its own config)."""
+    return dict(n_bins=model.config.n_bins, max_genes=cfg.data.max_genes, seed=cfg.train.seed,
+                pad_token_id=model.config.pad_token_id, zero_fraction=model.config.zero_fraction)
+
+
+__all__ = ["TaskCells", "close_sources", "collator_kwargs", "concat_targets", "encode_with_targets",
+           "freeze", "load_head", "require_init", "split_cells", "task_sources", "train_task"]
