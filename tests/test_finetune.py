@@ -262,3 +262,26 @@ def test_finetune_from_python_on_anndata(tiny_model_dir, pbmc_small, tmp_path):
     assert model.cell_tokenizer is not None and (tmp_path / "ft" / "config.yaml").is_file()
     with pytest.raises(ValueError, match="task must be"):
         fm.finetune(tiny_model_dir, pbmc_small, task="segmentation")
+
+
+def test_transfer_labels_zero_shot(tiny_model_dir, pbmc_path):
+    """kNN label transfer in embedding space: reference cells vote; fields as fm.annotate; inputs unchanged."""
+    full = ad.read_h5ad(pbmc_path)[:300].copy()
+    reference, query = full[:200].copy(), full[200:].copy()
+    ref_x, qry_x = reference.X.copy(), query.X.copy()
+    model = fm.load(tiny_model_dir)
+    labels = fm.transfer_labels(query, reference, model, k=5)
+    probs = query.obsm["fm_cell_type_probabilities"]
+    classes = list(query.uns["fm_cell_type_classes"])
+    assert classes == sorted(set(reference.obs["cell_type"].astype(str)))
+    assert probs.shape == (100, len(classes)) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(labels, dtype=str), np.asarray(classes)[probs.argmax(1)])
+    assert "fm_cell_type" not in reference.obs and not reference.obsm, "the reference is not written to"
+    assert (query.X != qry_x).nnz == 0 and (reference.X != ref_x).nnz == 0
+    # self-transfer with k=1 returns each cell's own label (its nearest neighbour is itself)
+    again = reference.copy()
+    fm.transfer_labels(again, reference, model, k=1)
+    agree = (again.obs["fm_cell_type"].astype(str) == reference.obs["cell_type"].astype(str)).mean()
+    assert agree > 0.95, agree
+    with pytest.raises(KeyError, match="celltype_l2"):
+        fm.transfer_labels(query, reference, model, label_key="celltype_l2")

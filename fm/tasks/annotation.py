@@ -116,4 +116,52 @@ def heldout_accuracy(model, data: TaskCells, collator, batch_size: int) -> tuple
     return (correct / total if total else float("nan")), total
 
 
-__all__ = ["build_classifier", "encode_classes", "heldout_accuracy", "load_labeled_cells", "read_labels", "run"]
+def transfer_labels(query, reference, model, label_key: str = "cell_type", k: int = 15, key: str = "fm_cell_type",
+                    threshold: float = 0.0, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Zero-shot annotation: each query cell takes the similarity-weighted vote of its k nearest
+    reference cells (cosine, in the model's embedding space) — no fine-tuning, any checkpoint.
+
+    Writes the same fields as fm.annotate (obs[key], obs[key + "_confidence"] = winning vote share,
+    obsm[key + "_probabilities"] = vote shares, uns[key + "_classes"]); cells whose share is below
+    `threshold` are "unknown". Reference cells without a label are left out. Neither AnnData's X
+    changes and the reference is not written to. Exact search in torch, chunked over query cells
+    (no scikit-learn needed: the core install has none).
+    """
+    import torch
+
+    from fm.api import UNKNOWN, _backbone, _run_batched
+
+    names = read_labels(reference.obs, label_key, "reference")
+    known = np.flatnonzero(names != None)  # noqa: E711
+    classes = sorted(set(names[known].astype(str)))
+    if len(classes) < 1:
+        raise ValueError(f"reference obs[{label_key!r}] has no labels to transfer")
+    if not 1 <= k:
+        raise ValueError(f"k must be >= 1, got {k}")
+    backbone = _backbone(model)
+    def embed(adata, desc):
+        out, _ = _run_batched(adata, model, lambda m, batch: backbone(**batch).cell_embedding, model.config.d_model,
+                              batch_size, 4096, progress, False, desc)
+        return torch.nn.functional.normalize(torch.from_numpy(out), dim=1)
+    ref = embed(reference, "reference")[known]
+    qry = embed(query, "query")
+    target = torch.tensor([classes.index(str(n)) for n in names[known]])
+    k = min(k, len(known))
+    probs = np.zeros((query.n_obs, len(classes)), dtype=np.float32)
+    for lo in range(0, query.n_obs, 4096):
+        sim, idx = (qry[lo:lo + 4096] @ ref.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), len(classes)).scatter_add_(1, target[idx], sim.clamp(min=0) + 1e-6)
+        probs[lo:lo + len(sim)] = (votes / votes.sum(1, keepdim=True)).numpy()
+    best = probs.argmax(1)
+    confidence = probs[np.arange(len(probs)), best]
+    labels = np.asarray(classes, dtype=object)[best]
+    labels[confidence < threshold] = UNKNOWN
+    query.obs[key] = pd.Categorical(labels, categories=classes + ([UNKNOWN] if UNKNOWN not in classes else []))
+    query.obs[key + "_confidence"] = confidence
+    query.obsm[key + "_probabilities"] = probs
+    query.uns[key + "_classes"] = np.asarray(classes, dtype=object)
+    return labels
+
+
+__all__ = ["build_classifier", "encode_classes", "heldout_accuracy", "load_labeled_cells", "read_labels", "run",
+           "transfer_labels"]

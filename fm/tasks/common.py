@@ -119,12 +119,18 @@ def load_head(cls, cfg: RunConfig, new_backbone_keys: tuple[str, ...] = (), **co
     """
     import torch
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
     require_init(cfg)
     torch.manual_seed(cfg.train.seed)  # same seed, same head init
     config = AutoConfig.from_pretrained(cfg.model.init_from)
     config.update({"max_genes": cfg.data.max_genes, **config_fields})  # new keys too (from_pretrained kwargs may not)
-    model, info = cls.from_pretrained(cfg.model.init_from, config=config, output_loading_info=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the new head as "MISSING"; we check and log below
+    try:
+        model, info = cls.from_pretrained(cfg.model.init_from, config=config, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     backbone_missing = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")
                         and not k.startswith(tuple(new_backbone_keys))]
     if backbone_missing:
