@@ -145,9 +145,13 @@ class ScFMPreTrainedModel(PreTrainedModel):
             # the padding gene row stays zero (nn.Embedding also never updates it)
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):  # BatchNorm: task heads' input scaling
             init.ones_(module.weight)
             init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm1d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
 
 
 # ---------------------------------------------------------------------------------------------

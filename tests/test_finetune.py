@@ -48,8 +48,11 @@ def _batch(tiny_model_dir, adata, labels):
 
 def test_head_init_from_pretrained_shapes_and_ignored_labels(tiny_model_dir, pbmc_small):
     model, info = _classifier(tiny_model_dir)
-    assert sorted(info["missing_keys"]) == sorted(f"classifier_head.{n}" for n in
-                                                  ("dense.weight", "dense.bias", "out.weight", "out.bias"))
+    assert sorted(info["missing_keys"]) == sorted(f"classifier_head.{n}" for n in (
+        "dense.weight", "dense.bias", "out.weight", "out.bias", "norm.weight", "norm.bias", "norm.running_mean",
+        "norm.running_var", "norm.num_batches_tracked"))
+    norm = model.classifier_head.norm
+    assert torch.equal(norm.running_var, torch.ones_like(norm.running_var)) and int(norm.num_batches_tracked) == 0
     assert not info["unexpected_keys"], "pretraining heads (gep_head, mvc_head) are dropped silently"
     pretrained = transformers.AutoModel.from_pretrained(tiny_model_dir)
     torch.testing.assert_close(model.scfm.embeddings.gene.weight, pretrained.embeddings.gene.weight)

@@ -41,17 +41,25 @@ class ScFMCellClassificationOutput(ModelOutput):
 
 
 class ScFMClassificationHead(nn.Module):
-    """Dropout → Linear(D, D) → GELU → dropout → Linear(D, num_labels) on the cell embedding."""
+    """BatchNorm → dropout → Linear(D, D) → GELU → dropout → Linear(D, num_labels) on the cell embedding.
+
+    The BatchNorm standardises each embedding dimension over cells: a pretrained <cls> embedding
+    has per-dimension offsets up to ~5 with spreads of 0.01-0.25 (measured on runs/eval_base), which
+    leaves a plain MLP badly conditioned — on pbmc3k a head-only probe reached validation macro-F1
+    0.44 without it and 0.57 with it in 300 steps (logistic regression on standardised
+    embeddings: 0.62). Running statistics make inference deterministic and batch-independent.
+    """
 
     def __init__(self, config: ScFMConfig):
         super().__init__()
         p = getattr(config, "classifier_dropout", None)
+        self.norm = nn.BatchNorm1d(config.d_model)
         self.dropout = nn.Dropout(config.dropout if p is None else p)
         self.dense = nn.Linear(config.d_model, config.d_model)
         self.out = nn.Linear(config.d_model, config.num_labels)
 
     def forward(self, cell: torch.Tensor) -> torch.Tensor:
-        return self.out(self.dropout(F.gelu(self.dense(self.dropout(cell)))))
+        return self.out(self.dropout(F.gelu(self.dense(self.dropout(self.norm(cell.float()))))))
 
 
 class ScFMForCellClassification(ScFMPreTrainedModel):

@@ -5,8 +5,21 @@ Every method sees the same cells, the same log-normalisation (log1p of counts/1e
 types and the same ligand–receptor resource (a DataFrame with `ligand`/`receptor` columns, taken
 from lr/liana_omni_resource.csv, one `resource` value; complexes written A_B; only pairs whose genes
 are all in the dataset). Methods: LIANA's CellPhoneDB, NATMI, Connectome, SingleCellSignalR and
-rank aggregate (`li.mt.*`, `use_raw=False`, `n_perms` capped), an expression-product baseline and a
-seeded random ranking (control).
+rank aggregate (`li.mt.*`, `use_raw=False`, `n_perms` capped), an expression-product baseline, a
+seeded random ranking (control), and per --model:
+  fm_denoised — zero-shot fm.interactions: L/R expression predicted from each cell's embedding by the
+                pretrained MVC head, group-mean product, label-permutation p-value (`fm_n_perms`);
+  fm_niche    — the niche model (recipes/finetune/cci.yaml + caps.finetune) fine-tuned on the TRAIN
+                region only, then fm.interactions on the test region (rank by p-value, then the
+                niche effect); extra metrics auroc/auprc_niche_effect rank by the niche effect alone.
+fm methods see only groups with ≥ 2 cells (fm_niche: also only types seen in training); tuples of
+other groups count as unreported, as LIANA's min_cells does.
+
+Spatial split (`split: {kind: spatial, axis, test_size}`): the cells whose coordinate on `axis` is at
+or above the (1 − test_size) quantile are the test region, the rest the train region (index file
+splits/<dataset>_spatial.npz). The truth AND every method's ranking (baselines too, so rows compare)
+are computed on the test region alone; the train region is used only to fine-tune fm_niche. A
+spatial dataset without a split uses all cells and skips fm_niche (it would fine-tune on the truth).
 
 Ground truth from space (datasets with `spatial_key`): edges are the symmetrised kNN graph on the
 coordinates (`n_neighbors`, default 8); an edge i→j has source type s = type(i), target t = type(j).
@@ -46,7 +59,7 @@ DATASET_KEYS = {"spatial_key", "resource", "resource_file", "n_neighbors", "min_
 KEYS = ["ligand", "receptor", "source", "target"]
 LIANA = {"cellphonedb": "cellphonedb", "natmi": "natmi", "connectome": "connectome",
          "singlecellsignalr": "singlecellsignalr", "rank_aggregate": "rank_aggregate"}
-METHODS = {**{m: None for m in LIANA}, "expr_product": None, "random": None}
+METHODS = {**{m: None for m in LIANA}, "expr_product": None, "random": None, "fm_denoised": None, "fm_niche": None}
 
 
 # ---------------------------------------------------------------- resource and per-cell complexes
@@ -204,12 +217,68 @@ def _auc(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
     return {"auroc": float(roc_auc_score(y, s)), "auprc": float(average_precision_score(y, s))}
 
 
+def make_split(adata, dataset: dict, coords: np.ndarray, ctx: EvalContext) -> tuple[np.ndarray, np.ndarray] | None:
+    """Train/test regions of a spatial dataset (a cut along one coordinate), saved as an index file."""
+    spec = dataset.get("split")
+    if not spec:
+        return None
+    if spec.get("kind") != "spatial":
+        raise ValueError(f"dataset {dataset['name']!r}: cci split kind {spec.get('kind')!r} unknown (spatial)")
+    axis, test_size = int(spec.get("axis", 0)), float(spec.get("test_size", 0.5))
+    if not 0 < test_size < 1 or not 0 <= axis < coords.shape[1]:
+        raise ValueError(f"dataset {dataset['name']!r}: split needs 0 < test_size < 1 and axis < {coords.shape[1]}")
+    test = coords[:, axis] >= np.quantile(coords[:, axis], 1 - test_size)
+    return ctx.save_split(f"{dataset['name']}_spatial", np.flatnonzero(~test), np.flatnonzero(test),
+                          obs_names=adata.obs_names)
+
+
+def fm_scores(method: str, model_dir, counts, train_counts, dataset: dict, label_key: str, resource: pd.DataFrame,
+              seed: int, ctx: EvalContext) -> pd.DataFrame | None:
+    """fm.interactions on `counts` (raw counts of the scored cells) as harness scores; None when skipped."""
+    import fm
+
+    if method == "fm_niche":
+        if train_counts is None:
+            log.warning("cci %s: fm_niche needs a spatial dataset with a split (it must not fine-tune on the "
+                        "cells it is judged on); skipped", dataset["name"])
+            return None
+        model = ctx.fm_finetune(train_counts, model_dir, "cci", dataset["name"], seed, **{
+            "task.label_key": label_key, "task.spatial_key": dataset["spatial_key"],
+            "task.n_neighbors": int(dataset.get("n_neighbors", 8))})
+        known = set(model.config.label2id)
+    else:
+        model, known = fm.load(model_dir), None
+    labels = counts.obs[label_key].astype(str)
+    sizes = labels.value_counts()
+    keep = labels.isin(sizes.index[sizes >= 2]) & (labels.isin(known) if known else True)
+    cells = counts[keep.to_numpy()].copy()
+    frame = fm.interactions(cells, model, groupby=label_key, resource=resource, seed=seed,
+                            n_perms=int(ctx.cap("fm_n_perms", ctx.cap("liana_n_perms", 100))))
+    out = pd.DataFrame({"ligand": frame["ligand_complex"], "receptor": frame["receptor_complex"],
+                        "source": frame["source"], "target": frame["target"], "primary": -frame["rank"].to_numpy(float),
+                        "magnitude": frame["score"]})
+    if "niche_effect" in frame:
+        out["niche_effect"] = frame["niche_effect"]
+    return out
+
+
 # ---------------------------------------------------------------- run
 def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
     from scipy.stats import spearmanr
 
     label_key = dataset.get("label_key", "cell_type")
     adata = ctx.load_dataset(dataset, required_obs=["label_key"])
+    spatial_key = dataset.get("spatial_key")
+    train_counts = None  # the train region of a spatial split: fm_niche fine-tunes on it, nothing else sees it
+    if spatial_key:
+        if spatial_key not in adata.obsm:
+            raise ValueError(f"{adata.uns['eval_file']}: obsm has no {spatial_key!r} (spatial_key of dataset "
+                             f"{dataset['name']!r}); obsm keys: {list(adata.obsm)}")
+        split = make_split(adata, dataset, np.asarray(adata.obsm[spatial_key], dtype=float), ctx)
+        if split is not None:
+            train_counts, adata = adata[split[0]].copy(), adata[split[1]].copy()
+            log.info("cci %s: spatial split, %d train-region cells (fine-tuning only), %d test-region cells "
+                     "(truth and every ranking)", dataset["name"], train_counts.n_obs, adata.n_obs)
     adata.obs[label_key] = adata.obs[label_key].astype(str).astype("category")
     lognorm = log_normalise(adata)
     resource = load_resource(dataset, ctx, lognorm.var_names)
@@ -218,12 +287,8 @@ def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[
     n_types = len(cats)
     lig = complex_matrix(lognorm, resource["ligand"])
     rec = complex_matrix(lognorm, resource["receptor"])
-    spatial_key = dataset.get("spatial_key")
     truth = None
     if spatial_key:
-        if spatial_key not in adata.obsm:
-            raise ValueError(f"{adata.uns['eval_file']}: obsm has no {spatial_key!r} (spatial_key of dataset "
-                             f"{dataset['name']!r}); obsm keys: {list(adata.obsm)}")
         with timed() as t_truth:
             truth = spatial_truth(lig, rec, types, np.asarray(adata.obsm[spatial_key], dtype=float), seed,
                                   k=int(dataset.get("n_neighbors", 8)), n_perms=int(ctx.cap("truth_n_perms", 200)),
@@ -241,35 +306,42 @@ def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[
     else:
         universe = universe_frame(resource, cats)
         y = None
-    if ctx.models:
-        log.info("cci: no FM method yet — FM CCI arrives with the task heads issue")
     rows, primaries = [], {}
     for method in methods:
         if method not in METHODS:
-            log.warning("cci: method %r unknown or not available (FM CCI arrives with the task heads issue); skipped",
-                        method)
+            log.warning("cci: method %r unknown or not available; skipped", method)
             continue
-        with timed() as t:
-            if method == "random":
-                s = np.random.default_rng(seed).random(len(universe))
-                scores = universe[KEYS].assign(primary=s, magnitude=s)
-            elif method == "expr_product":
-                scores = expr_product_scores(universe, lig, rec, types, n_types)
+        runs = ([(f"{method}[{ctx.model_label(m)}]", m) for m in ctx.models] if method.startswith("fm_")
+                else [(method, None)])
+        for name, model_dir in runs:
+            with timed() as t:
+                if model_dir is not None:
+                    scores = fm_scores(method, model_dir, adata, train_counts, dataset, label_key, resource, seed, ctx)
+                elif method == "random":
+                    s = np.random.default_rng(seed).random(len(universe))
+                    scores = universe[KEYS].assign(primary=s, magnitude=s)
+                elif method == "expr_product":
+                    scores = expr_product_scores(universe, lig, rec, types, n_types)
+                else:
+                    scores = liana_scores(method, lognorm, label_key, resource, seed, ctx)
+                if scores is None:
+                    continue
+                (primary, found), (magnitude, _) = align(universe, scores, "primary"), align(universe, scores, "magnitude")
+            primaries[name] = (primary, found)
+            coverage = float(found.mean())
+            base = {"dataset": dataset["name"], "method": name, "runtime_s": t.seconds}
+            if y is not None:
+                values = _auc(y, primary)
+                values.update({f"{k}_magnitude": v for k, v in _auc(y, magnitude).items()})
+                if "niche_effect" in scores:  # fm_niche: its niche effect alone
+                    effect, _ = align(universe, scores, "niche_effect")
+                    values.update({f"{k}_niche_effect": v for k, v in _auc(y, effect).items()})
+                values["coverage"] = coverage
+                rows += [{**base, "metric": k, "value": v} for k, v in values.items()]
+                log.info("cci %s %s seed %d: AUROC %.3f AUPRC %.3f (%.1f s)", dataset["name"], name, seed,
+                         values["auroc"], values["auprc"], t.seconds)
             else:
-                scores = liana_scores(method, lognorm, label_key, resource, seed, ctx)
-            (primary, found), (magnitude, _) = align(universe, scores, "primary"), align(universe, scores, "magnitude")
-        primaries[method] = (primary, found)
-        coverage = float(found.mean())
-        base = {"dataset": dataset["name"], "method": method, "runtime_s": t.seconds}
-        if y is not None:
-            values = _auc(y, primary)
-            values.update({f"{k}_magnitude": v for k, v in _auc(y, magnitude).items()})
-            values["coverage"] = coverage
-            rows += [{**base, "metric": k, "value": v} for k, v in values.items()]
-            log.info("cci %s %s seed %d: AUROC %.3f AUPRC %.3f (%.1f s)", dataset["name"], method, seed,
-                     values["auroc"], values["auprc"], t.seconds)
-        else:
-            rows.append({**base, "metric": "coverage", "value": coverage})
+                rows.append({**base, "metric": "coverage", "value": coverage})
     if y is None:  # agreement among methods: the only thing measurable without ground truth
         # over the tuples both methods report (unreported ones would all tie at the bottom)
         def rho(a, b):
