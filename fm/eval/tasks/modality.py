@@ -2,7 +2,8 @@
 train cells, predict them on the test cells.
 
 Targets: CLR-normalised protein counts, per cell (Seurat's CLR with margin 1 / muon's
-`prot.pp.clr`): log1p(counts) minus the cell's mean log1p over all measured ADTs. Isotype
+`prot.pp.clr`): log1p(counts) minus the cell's mean log1p over all measured ADTs — the one
+definition in fm.tasks.modality_prediction (`clr`, `CONTROL_RE`), shared with fine-tuning. Isotype
 controls (names matching IgG/isotype/control) take part in the CLR mean, as they do in those
 tools, but are never a target nor in any metric.
 
@@ -20,6 +21,9 @@ seeded, saved as an index file), the same log-normalised RNA (log1p counts/1e4) 
                protein foreground (no background) of the test cells as if from the train batch
                (transform_batch), then CLR like the targets. Epochs capped by caps.totalvi_epochs.
   fm_ridge   — the same RidgeCV on the zero-shot embedding of each --model (rows `fm_ridge[<model>]`).
+  fm_finetune — the protein head (recipes/finetune/modality_prediction.yaml + caps.finetune) fine-tuned
+               on the train cells only (their RNA counts of the same genes + their ADT counts), then
+               fm.predict_protein on the test cells' RNA: test proteins are never seen.
 Metrics: per-protein Pearson over test cells, averaged over proteins (main; a constant prediction
 has no correlation and scores 0), per-cell Pearson across proteins averaged over test cells, and
 RMSE over all test cell × protein CLR values.
@@ -27,11 +31,11 @@ RMSE over all test cell × protein CLR values.
 from __future__ import annotations
 
 import logging
-import re
 
 import numpy as np
 
 from fm.eval.context import EvalContext, dense, log_normalise, select_genes, timed
+from fm.tasks.modality_prediction import CONTROL_RE, clr
 
 log = logging.getLogger("fm.eval")
 
@@ -39,8 +43,9 @@ MAIN_METRIC = "pearson_protein"
 HIGHER_IS_BETTER = True
 CONTROLS = ["mean"]
 DATASET_KEYS = {"protein_key", "protein_names_key", "n_hvg"}
-CONTROL_RE = re.compile(r"igg|isotype|control", re.IGNORECASE)
-METHODS = {"mean": None, "ridge_pca": None, "knn_pca": None, "totalvi": None, "fm_ridge": None}
+METHODS = {"mean": None, "ridge_pca": None, "knn_pca": None, "totalvi": None, "fm_ridge": None, "fm_finetune": None}
+FINETUNE_KEY = "protein_counts"
+"""obsm key of the train cells' ADT counts handed to the fine-tuning (a DataFrame with the suite's names)."""
 
 
 def protein_table(adata, dataset: dict) -> tuple[np.ndarray, list[str]]:
@@ -63,12 +68,6 @@ def protein_table(adata, dataset: dict) -> tuple[np.ndarray, list[str]]:
     if counts.min() < 0:
         raise ValueError(f"{adata.uns['eval_file']}: obsm[{key!r}] has negative values; raw ADT counts expected")
     return counts, names
-
-
-def clr(counts: np.ndarray) -> np.ndarray:
-    """Per-cell CLR: log1p(x) minus the cell's mean log1p (Seurat CLR margin=1, muon prot.pp.clr)."""
-    logged = np.log1p(np.asarray(counts, dtype=np.float64))
-    return logged - logged.mean(axis=1, keepdims=True)
 
 
 def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -140,6 +139,26 @@ def totalvi_predict(adata, genes, protein_counts, protein_names, train, test, se
     return np.asarray(proteins, dtype=np.float64)
 
 
+def fm_finetune_predict(adata, counts, names, train, test, target_names, model_dir, dataset, seed, ctx):
+    """CLR predictions (test cells × target_names) of the protein head fine-tuned on the train cells.
+
+    The fine-tuning AnnData holds the train cells only, with their ADT counts as a named DataFrame
+    (so array-stored panels keep their names); the test AnnData holds RNA only."""
+    import anndata as ad
+    import pandas as pd
+
+    import fm
+
+    def cells(rows, obsm):
+        return ad.AnnData(X=adata.X[rows], obs=pd.DataFrame(index=adata.obs_names[rows]), var=adata.var.copy(),
+                          obsm=obsm)
+
+    reference = cells(train, {FINETUNE_KEY: pd.DataFrame(counts[train], index=adata.obs_names[train], columns=names)})
+    model = ctx.fm_finetune(reference, model_dir, "modality_prediction", dataset, seed,
+                            **{"task.protein_key": FINETUNE_KEY})
+    return fm.predict_protein(cells(test, {}), model)[target_names].to_numpy(dtype=np.float64)
+
+
 def make_split(adata, dataset: dict, seed: int, ctx: EvalContext):
     from sklearn.model_selection import train_test_split
 
@@ -176,7 +195,10 @@ def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[
             else [(method, None)]
         for name, model_dir in runs:
             with timed() as t:
-                if model_dir is not None:
+                if method == "fm_finetune":
+                    pred = fm_finetune_predict(adata[:, genes], counts, names, train, test, target_names, model_dir,
+                                               dataset["name"], seed, ctx)
+                elif model_dir is not None:
                     emb = ctx.fm_embeddings(adata[:, genes], model_dir)
                     pred = _ridge(emb[train], y[train], emb[test], scale=True)
                 elif method == "mean":
