@@ -172,11 +172,14 @@ class TaskConfig:
     batch_key: str = "batch"
     """obs column naming each cell's batch (a condition token and the discriminator's target)."""
     dar_weight: float = 1.0
-    """Weight of the adversarial batch discriminator loss (scGPT's DAR), behind gradient reversal."""
+    """Weight of the adversarial batch terms: discriminator cross-entropy + the backbone's confusion loss
+    (scGPT's DAR with a confusion target instead of gradient reversal: fm/heads/integration.py says why)."""
     ecs_weight: float = 10.0
     """Weight of the elastic cell-similarity loss (scGPT's ECS); 0 disables it."""
     ecs_threshold: float = 0.8
     """ECS pushes cell-embedding cosine similarities below this and pulls those above it up (scGPT's 0.8)."""
+    batch_dropout: float = 0.1
+    """Share of training cells whose batch token is the unknown token, which fm.integrate gives unseen batches."""
     # -- modality_prediction
     protein_key: str = "protein_counts"
     """obsm key of the surface-protein (ADT) counts to predict (CLR-normalised per cell)."""

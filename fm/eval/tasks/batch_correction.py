@@ -7,6 +7,9 @@ correction: BRAS, iLISI, kBET per label, graph connectivity, PCR comparison) and
 weighting total = 0.6 bio + 0.4 batch, on raw (not min-max scaled) values so a method's score
 does not depend on which other methods ran. Neighbours: exact sklearn kNN (small data; exact and
 deterministic beats pynndescent here). Control: the unintegrated PCA.
+FM rows: `fm` is the checkpoint's zero-shot embedding of the same cells × genes (raw counts);
+`fm_finetune` fine-tunes the integration head (recipes/finetune/batch_correction.yaml +
+caps.finetune) on all cells with their batch labels only, then embeds them with fm.integrate.
 """
 from __future__ import annotations
 
@@ -86,8 +89,21 @@ def _scvi(data, seed, ctx):
     return np.asarray(model.get_latent_representation(), dtype=np.float32)
 
 
+def _fm_finetune(adata, batch_key, model_dir, dataset, seed, ctx):
+    """Fine-tune the integration head on ALL cells of the dataset (integration is unsupervised: the
+    cells to integrate are the training data) with only obs[batch_key] kept — the cell-type labels
+    never reach the fine-tuning, they only score it — then fm.integrate the same cells."""
+    import fm
+
+    cells = adata.copy()
+    cells.obs = cells.obs[[batch_key]]
+    model = ctx.fm_finetune(cells, model_dir, "batch_correction", dataset, seed,
+                            **{"task.batch_key": batch_key, "data.val_fraction": 0.0})
+    return np.nan_to_num(fm.integrate(cells, model, drop_empty=True))  # no vocabulary gene: zero vector
+
+
 METHODS = {"unintegrated": _unintegrated, "combat": _combat, "harmony": _harmony, "scanorama": _scanorama,
-           "scvi": _scvi, "fm": None}
+           "scvi": _scvi, "fm": None, "fm_finetune": _fm_finetune}
 
 
 def _neighbors(x: np.ndarray, k: int):
@@ -151,6 +167,14 @@ def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[
                 with timed() as t:
                     embeddings[name] = ctx.fm_embeddings(adata[:, genes], m)
                 runtimes[name] = t.seconds
+            continue
+        if method == "fm_finetune":
+            for m in ctx.models:
+                name = f"{method}[{ctx.model_label(m)}]"
+                with timed() as t:
+                    embeddings[name] = _fm_finetune(adata[:, genes], batch_key, m, dataset["name"], seed, ctx)
+                runtimes[name] = t.seconds
+                log.info("batch_correction %s %s seed %d: %.1f s", dataset["name"], name, seed, t.seconds)
             continue
         with timed() as t:
             embeddings[method] = METHODS[method](data, seed, ctx)
