@@ -174,6 +174,9 @@ class TaskConfig:
     dar_weight: float = 1.0
     """Weight of the adversarial batch terms: discriminator cross-entropy + the backbone's confusion loss
     (scGPT's DAR with a confusion target instead of gradient reversal: fm/heads/integration.py says why)."""
+    adversary: str = "confusion"
+    """'confusion' (discriminator vs a uniform-prediction target; stops at chance) or 'reversal' (scGPT's
+    gradient-reversal layer; diverged on runs/eval_base: fm/heads/integration.py)."""
     ecs_weight: float = 10.0
     """Weight of the elastic cell-similarity loss (scGPT's ECS); 0 disables it."""
     ecs_threshold: float = 0.8
@@ -198,6 +201,8 @@ class TaskConfig:
             raise ValueError(f"task.unknown_threshold must be in [0, 1], got {self.unknown_threshold}")
         if self.target_scale not in ("log1p", "normalized"):
             raise ValueError(f"task.target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
+        if self.adversary not in ("confusion", "reversal"):
+            raise ValueError(f"task.adversary must be 'confusion' or 'reversal', got {self.adversary!r}")
         if self.n_neighbors < 1:
             raise ValueError(f"task.n_neighbors must be >= 1, got {self.n_neighbors}")
         for name in ("dar_weight", "ecs_weight"):

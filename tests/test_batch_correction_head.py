@@ -104,6 +104,23 @@ def test_discriminator_and_backbone_each_get_only_their_own_gradient():
     torch.testing.assert_close(at_chance, torch.tensor(np.log(4.0), dtype=torch.float32))
 
 
+def test_gradient_reversal_mode_negates_the_backbone_gradient():
+    """task.adversary=reversal (scGPT's DAR): one loss; the head descends it, the embedding ascends it."""
+    torch.manual_seed(0)
+    head = ScFMDiscriminatorHead(ScFMConfig(d_model=16, n_heads=4, num_batches=4))
+    cell = torch.randn(8, 16, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, IGNORE_INDEX, 3])
+    _, dar, confusion = adversarial_losses(head, cell, labels, mode="reversal")
+    assert float(confusion) == 0.0
+    reversed_grad = torch.autograd.grad(dar, cell)[0]
+    plain = torch.nn.functional.cross_entropy(head(cell)[labels != IGNORE_INDEX], labels[labels != IGNORE_INDEX])
+    torch.testing.assert_close(reversed_grad, -torch.autograd.grad(plain, cell)[0])
+    with pytest.raises(ValueError, match="adversary"):
+        adversarial_losses(head, cell, labels, mode="gan")
+    with pytest.raises(ValueError, match="task.adversary"):
+        load_config(None, ["task.adversary=gan"])
+
+
 @pytest.mark.parametrize("ecs_weight", [0.0, 10.0])  # the recipe's objective, and with scGPT's ECS weight
 def test_loss_goes_down(tiny_model_dir, kang_small, tmp_path, ecs_weight):
     """Reconstruction improves and the total falls (the adversarial pair, dar_loss vs

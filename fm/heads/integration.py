@@ -16,7 +16,7 @@ The cell embedding should keep cell state and lose the batch. The objective is s
   batches again. Measured (runs/eval_base on Kang, 300 steps, ecs_weight 0): dar_loss climbed
   above log 4 and iLISI fell from 0.60 (zero-shot) to 0.001. The confusion target stops at chance;
   each side's loss reaches only its own parameters (the discriminator sees a detached embedding,
-  the backbone a detached discriminator);
+  the backbone a detached discriminator). `task.adversary=reversal` gives scGPT's form for comparison;
 - ECS (elastic cell similarity): cosine similarities between the mini-batch's (centred) cell
   embeddings are pushed away from `ecs_threshold` (below it towards 0, above it towards 1), which
   sharpens clusters that the adversarial term would otherwise blur.
@@ -88,16 +88,38 @@ class ScFMDiscriminatorHead(nn.Module):
         return self.out(F.gelu(self.dense(cell)))
 
 
-def adversarial_losses(head: nn.Module, cell: torch.Tensor, batch_labels: torch.Tensor
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated gradient backward (Ganin & Lempitsky 2015; scGPT's DAR)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+def adversarial_losses(head: nn.Module, cell: torch.Tensor, batch_labels: torch.Tensor, mode: str = "confusion"
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, discriminator cross-entropy, confusion loss) over the cells with a known batch.
 
-    The discriminator trains on the detached embedding; the confusion loss (cross-entropy of the
-    discriminator's prediction to the uniform distribution) reaches the embedding only, through
-    the head with detached weights (torch.func.functional_call). Both are 0, in the graph, when no
-    cell has a known batch.
+    mode "confusion" (default): the discriminator trains on the detached embedding; the confusion
+    loss (cross-entropy of the discriminator's prediction to the uniform distribution) reaches the
+    embedding only, through the head with detached weights (torch.func.functional_call).
+    mode "reversal" (scGPT's DAR): one cross-entropy through a gradient-reversal layer — the head
+    minimises it, the backbone maximises it; the confusion loss is 0. Both losses are 0, in the
+    graph, when no cell has a known batch.
     """
     known = batch_labels != IGNORE_INDEX
+    if mode == "reversal":
+        logits = head(_ReverseGradient.apply(cell))
+        zero = logits.float().sum() * 0.0
+        if not bool(known.any()):
+            return logits, zero, zero
+        return logits, F.cross_entropy(logits[known].float(), batch_labels[known]), zero
+    if mode != "confusion":
+        raise ValueError(f"adversary must be 'confusion' or 'reversal', got {mode!r}")
     logits = head(cell.detach())
     frozen = {name: p.detach() for name, p in head.named_parameters()}
     encoder_logits = torch.func.functional_call(head, frozen, (cell,))
@@ -170,7 +192,8 @@ class ScFMForBatchIntegration(ScFMPreTrainedModel):
             result.mvc_loss = _masked_mse(mvc, target, masked_positions)
             loss = loss + result.mvc_loss
         if known is not None:
-            result.batch_logits, result.dar_loss, result.confusion_loss = adversarial_losses(self.dar_head, cell, known)
+            result.batch_logits, result.dar_loss, result.confusion_loss = adversarial_losses(
+                self.dar_head, cell, known, getattr(self.config, "adversary", "confusion"))
             loss = loss + self.config.dar_weight * (result.dar_loss + result.confusion_loss)
         else:
             result.batch_logits = self.dar_head(cell)

@@ -120,7 +120,7 @@ def build_integration_model(tokenizer: CellTokenizer, cfg: RunConfig, column: in
     new = () if column < len(pretrained.condition_keys) else (NEW_TABLE.format(column),)
     return load_head(ScFMForBatchIntegration, cfg, new_backbone_keys=new, condition_keys=list(tokenizer.condition_keys),
                      condition_vocab_sizes=sizes, batch_key=cfg.task.batch_key, num_batches=sizes[column] - 1,
-                     dar_weight=cfg.task.dar_weight, ecs_weight=cfg.task.ecs_weight,
+                     dar_weight=cfg.task.dar_weight, adversary=cfg.task.adversary, ecs_weight=cfg.task.ecs_weight,
                      ecs_threshold=cfg.task.ecs_threshold)
 
 
