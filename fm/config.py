@@ -201,6 +201,8 @@ class TaskConfig:
             raise ValueError(f"task.unknown_threshold must be in [0, 1], got {self.unknown_threshold}")
         if self.target_scale not in ("log1p", "normalized"):
             raise ValueError(f"task.target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
+        if not 0.0 <= self.batch_dropout < 1.0:
+            raise ValueError(f"task.batch_dropout must be in [0, 1), got {self.batch_dropout}")
         if self.adversary not in ("confusion", "reversal"):
             raise ValueError(f"task.adversary must be 'confusion' or 'reversal', got {self.adversary!r}")
         if self.n_neighbors < 1:

@@ -14,10 +14,10 @@ import pandas as pd
 from fm.config import RunConfig
 from fm.data import LabeledCellCollator
 from fm.heads import IGNORE_INDEX, ScFMForCellClassification
-from fm.tasks.common import (TaskCells, close_sources, collator_kwargs, concat_targets, encode_with_targets, load_head,
-                             require_init, split_cells, task_sources, train_task)
+from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
+                             load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
-from fm.train import TrainResult, make_accelerator
+from fm.train import TrainResult
 
 log = logging.getLogger("fm")
 
@@ -76,14 +76,9 @@ def build_classifier(classes: list[str], cfg: RunConfig) -> ScFMForCellClassific
 
 def run(cfg: RunConfig, resume: bool = False, adatas=None) -> TrainResult:
     """The whole `fm finetune` job for task.name=annotation (files of data.paths, or `adatas`)."""
-    require_init(cfg)
-    accelerator = make_accelerator(cfg.train)
-    tokenizer = CellTokenizer.from_pretrained(cfg.model.init_from)
-    sources = task_sources(cfg, adatas)
-    try:
-        data, classes = load_labeled_cells(sources, tokenizer, cfg.task.label_key, cfg.task.min_cells_per_class)
-    finally:
-        close_sources(sources)
+    accelerator, tokenizer, (data, classes) = load_task_cells(
+        cfg, adatas, lambda sources, tokenizer: load_labeled_cells(sources, tokenizer, cfg.task.label_key,
+                                                                   cfg.task.min_cells_per_class))
     train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
     model = build_classifier(classes, cfg)
     counts = np.bincount(data.targets["label"][data.targets["label"] >= 0], minlength=len(classes))

@@ -27,10 +27,10 @@ from fm.config import RunConfig
 from fm.data.collator import CellCollator, hashed_uniform
 from fm.heads import IGNORE_INDEX
 from fm.heads.integration import ScFMForBatchIntegration
-from fm.tasks.common import (TaskCells, close_sources, collator_kwargs, encode_with_targets, load_head, require_init,
-                             split_cells, task_sources, train_task)
+from fm.tasks.common import (TaskCells, collator_kwargs, encode_with_targets, load_head, load_task_cells,
+                             split_cells, train_task)
 from fm.tokenizer import UNKNOWN_CONDITION, CellTokenizer
-from fm.train import TrainResult, make_accelerator
+from fm.train import TrainResult
 
 log = logging.getLogger("fm")
 
@@ -126,16 +126,8 @@ def build_integration_model(tokenizer: CellTokenizer, cfg: RunConfig, column: in
 
 def run(cfg: RunConfig, resume: bool = False, adatas=None) -> TrainResult:
     """The whole `fm finetune` job for task.name=batch_correction (files of data.paths, or `adatas`)."""
-    require_init(cfg)
-    if not 0.0 <= cfg.task.batch_dropout < 1.0:
-        raise ValueError(f"task.batch_dropout must be in [0, 1), got {cfg.task.batch_dropout}")
-    accelerator = make_accelerator(cfg.train)
-    tokenizer = CellTokenizer.from_pretrained(cfg.model.init_from)
-    sources = task_sources(cfg, adatas)
-    try:
-        data, column = load_batch_cells(sources, tokenizer, cfg.task.batch_key)
-    finally:
-        close_sources(sources)
+    accelerator, tokenizer, (data, column) = load_task_cells(
+        cfg, adatas, lambda sources, tokenizer: load_batch_cells(sources, tokenizer, cfg.task.batch_key))
     train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
     model = build_integration_model(tokenizer, cfg, column)
     collator = BatchIntegrationCollator(mask_ratio=cfg.data.mask_ratio, train=True, batch_column=column,

@@ -31,10 +31,9 @@ from fm.data import LabeledCellCollator
 from fm.heads.niche import ScFMForNicheExpression
 from fm.tasks.cci_scoring import (complex_values, conditional_means, group_codes, group_means, load_resource,
                                   pair_genes, permutation_pvalues, result_frame, usable_pairs)
-from fm.tasks.common import (TaskCells, close_sources, collator_kwargs, load_head, require_init, split_cells,
-                             task_sources, train_task)
+from fm.tasks.common import TaskCells, collator_kwargs, load_head, load_task_cells, split_cells, train_task
 from fm.tokenizer import CellTokenizer, EncodedCells
-from fm.train import TrainResult, make_accelerator
+from fm.train import TrainResult
 
 log = logging.getLogger("fm")
 
@@ -140,15 +139,9 @@ def load_niche_cells(sources, tokenizer: CellTokenizer, label_key: str, spatial_
 
 def run(cfg: RunConfig, resume: bool = False, adatas=None) -> TrainResult:
     """The whole `fm finetune` job for task.name=cci: ScFMForNicheExpression on every receiver cell."""
-    require_init(cfg)
-    accelerator = make_accelerator(cfg.train)
-    tokenizer = CellTokenizer.from_pretrained(cfg.model.init_from)
-    sources = task_sources(cfg, adatas)
-    try:
-        data, types, genes = load_niche_cells(sources, tokenizer, cfg.task.label_key, cfg.task.spatial_key,
-                                              cfg.task.n_neighbors)
-    finally:
-        close_sources(sources)
+    accelerator, tokenizer, (data, types, genes) = load_task_cells(
+        cfg, adatas, lambda sources, tokenizer: load_niche_cells(sources, tokenizer, cfg.task.label_key,
+                                                                 cfg.task.spatial_key, cfg.task.n_neighbors))
     train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
     model = load_head(ScFMForNicheExpression, cfg, num_labels=len(types), id2label=dict(enumerate(types)),
                       label2id={t: i for i, t in enumerate(types)}, niche_genes=genes, label_key=cfg.task.label_key,

@@ -4,8 +4,8 @@ freezing, and one call into the training loop with export.
 
 A task module (fm/tasks/<task>.py) composes these in its `run(cfg, resume, adatas)`:
 
-    sources = task_sources(cfg, adatas)                 # [(AnnData, source name)]
-    data = encode_with_targets(sources, tokenizer, read_targets)   # targets read first: fail fast
+    accelerator, tokenizer, data = load_task_cells(cfg, adatas, load)  # load(sources, tokenizer): e.g.
+                                                        # encode_with_targets (targets read first: fail fast)
     train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
     model = load_head(HeadClass, cfg, **config_fields)  # backbone loaded, head new, freezing applied
     return train_task(model, tokenizer, train_cells, val_cells, collator, cfg, resume)
@@ -70,6 +70,20 @@ def task_sources(cfg: RunConfig, adatas=None) -> list[tuple[object, str]]:
     if not cfg.data.paths:
         raise ValueError("data.paths is empty: name the .h5ad files to fine-tune on")
     return [(open_anndata(f), str(f)) for f in find_h5ad_files(cfg.data.resolved_paths())]
+
+
+def load_task_cells(cfg: RunConfig, adatas, load: Callable):
+    """The opening every task's run() shares: check the pretrained start, make the accelerator, read the
+    checkpoint's tokenizer, and call `load(sources, tokenizer)` over the task's sources (closed after).
+    Returns (accelerator, tokenizer, whatever `load` returned)."""
+    require_init(cfg)
+    accelerator = make_accelerator(cfg.train)
+    tokenizer = CellTokenizer.from_pretrained(cfg.model.init_from)
+    sources = task_sources(cfg, adatas)
+    try:
+        return accelerator, tokenizer, load(sources, tokenizer)
+    finally:
+        close_sources(sources)
 
 
 def close_sources(sources) -> None:
@@ -175,5 +189,5 @@ def collator_kwargs(model, cfg: RunConfig) -> dict:
                 pad_token_id=model.config.pad_token_id, zero_fraction=model.config.zero_fraction)
 
 
-__all__ = ["TaskCells", "close_sources", "collator_kwargs", "concat_targets", "encode_with_targets",
+__all__ = ["TaskCells", "close_sources", "load_task_cells", "collator_kwargs", "concat_targets", "encode_with_targets",
            "freeze", "load_head", "require_init", "split_cells", "task_sources", "train_task"]

@@ -25,10 +25,10 @@ import torch
 from fm.config import RunConfig
 from fm.data.collator import CellCollator, hashed_uniform
 from fm.heads.imputation import ScFMForExpressionImputation
-from fm.tasks.common import (TaskCells, close_sources, collator_kwargs, concat_targets, encode_with_targets, load_head,
-                             require_init, split_cells, task_sources, train_task)
+from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
+                             load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
-from fm.train import TrainResult, make_accelerator
+from fm.train import TrainResult
 
 log = logging.getLogger("fm")
 
@@ -150,15 +150,9 @@ def init_query_from_mvc(model: ScFMForExpressionImputation, directory: str | Pat
 
 def run(cfg: RunConfig, resume: bool = False, adatas=None) -> TrainResult:
     """The whole `fm finetune` job for task.name=imputation (files of data.paths, or `adatas`)."""
-    require_init(cfg)
-    accelerator = make_accelerator(cfg.train)
-    tokenizer = CellTokenizer.from_pretrained(cfg.model.init_from)
-    sources = task_sources(cfg, adatas)
-    try:
-        cells, per_source = encode_with_targets(
-            sources, tokenizer, lambda adata, source: {"library": library_sizes(adata, tokenizer.layer)})
-    finally:
-        close_sources(sources)
+    accelerator, tokenizer, (cells, per_source) = load_task_cells(
+        cfg, adatas, lambda sources, tokenizer: encode_with_targets(
+            sources, tokenizer, lambda adata, source: {"library": library_sizes(adata, tokenizer.layer)}))
     data = TaskCells(cells, concat_targets(per_source))
     train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
     model = build_imputer(cfg)

@@ -26,10 +26,10 @@ import pandas as pd
 from fm.config import RunConfig
 from fm.data import LabeledCellCollator
 from fm.heads.protein import ScFMForProteinPrediction
-from fm.tasks.common import (TaskCells, close_sources, collator_kwargs, concat_targets, encode_with_targets, load_head,
-                             require_init, split_cells, task_sources, train_task)
+from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
+                             load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
-from fm.train import TrainResult, make_accelerator
+from fm.train import TrainResult
 
 log = logging.getLogger("fm")
 
@@ -127,14 +127,8 @@ def build_protein_model(names: list[str], controls: list[str], train_targets: np
 
 def run(cfg: RunConfig, resume: bool = False, adatas=None) -> TrainResult:
     """The whole `fm finetune` job for task.name=modality_prediction (files of data.paths, or `adatas`)."""
-    require_init(cfg)
-    accelerator = make_accelerator(cfg.train)
-    tokenizer = CellTokenizer.from_pretrained(cfg.model.init_from)
-    sources = task_sources(cfg, adatas)
-    try:
-        data, names, controls = load_protein_cells(sources, tokenizer, cfg.task.protein_key)
-    finally:
-        close_sources(sources)
+    accelerator, tokenizer, (data, names, controls) = load_task_cells(
+        cfg, adatas, lambda sources, tokenizer: load_protein_cells(sources, tokenizer, cfg.task.protein_key))
     log.info("%d proteins to predict: %s%s", len(names), ", ".join(names),
              f" (isotype controls, in the CLR mean only: {', '.join(controls)})" if controls else "")
     train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
