@@ -143,73 +143,33 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
 
-TASKS = ("annotation", "imputation", "batch_correction", "modality_prediction", "cci")
-"""Fine-tuning tasks; each has recipes/finetune/<name>.yaml and fm/tasks/<name>.py."""
-
-
 @dataclass
 class TaskConfig:
-    """Fine-tuning task (`fm finetune`); pretraining ignores this section. Fields are grouped by task."""
+    """Fine-tuning task (`fm finetune`): the fields every task shares. Each task extends it with its own
+    fields (`<Task>Config` in fm/tasks/<task>.py, named by its fm.tasks.registry entry); the `task`
+    section of a recipe is parsed into the class that `task.name` selects, so a field of another task
+    is an unknown key."""
 
     name: str = "annotation"
-    """Which head to fine-tune: annotation | imputation | batch_correction | modality_prediction | cci."""
+    """Which task: a name in fm.tasks.registry.TASKS (annotation | imputation | batch_correction |
+    modality_prediction | cci)."""
     freeze_gene_embedding: bool = True
     """Keep the pretrained gene-embedding table fixed (157k rows: dense AdamW updates of it dominate a
     fine-tuning step, and genes absent from the fine-tuning data gain nothing from training)."""
     freeze_backbone: bool = False
     """Train the head only (a probe of the pretrained representation)."""
-    # -- annotation (and the cell-type column of cci)
-    label_key: str = "cell_type"
-    """obs column holding each cell's label; missing values (NaN/empty) are left out of the loss."""
-    min_cells_per_class: int = 1
-    """Classes with fewer labelled cells than this are treated as missing labels (and reported)."""
-    unknown_threshold: float = 0.5
-    """fm.annotate calls a cell 'unknown' when its top class probability is below this (saved in the model)."""
-    # -- imputation
-    target_scale: str = "log1p"
-    """Scale the imputation head predicts and fm.impute writes: 'log1p' (log1p of counts per 1e4) or 'normalized'."""
-    # -- batch_correction
-    batch_key: str = "batch"
-    """obs column naming each cell's batch (a condition token and the discriminator's target)."""
-    dar_weight: float = 1.0
-    """Weight of the adversarial batch terms: discriminator cross-entropy + the backbone's confusion loss
-    (scGPT's DAR with a confusion target instead of gradient reversal: fm/heads/integration.py says why)."""
-    adversary: str = "confusion"
-    """'confusion' (discriminator vs a uniform-prediction target; stops at chance) or 'reversal' (scGPT's
-    gradient-reversal layer; diverged on runs/eval_base: fm/heads/integration.py)."""
-    ecs_weight: float = 10.0
-    """Weight of the elastic cell-similarity loss (scGPT's ECS); 0 disables it."""
-    ecs_threshold: float = 0.8
-    """ECS pushes cell-embedding cosine similarities below this and pulls those above it up (scGPT's 0.8)."""
-    batch_dropout: float = 0.1
-    """Share of training cells whose batch token is the unknown token, which fm.integrate gives unseen batches."""
-    # -- modality_prediction
-    protein_key: str = "protein_counts"
-    """obsm key of the surface-protein (ADT) counts to predict (CLR-normalised per cell)."""
-    # -- cci (spatial niche model)
-    spatial_key: str = "spatial"
-    """obsm key of the cells' spatial coordinates."""
-    n_neighbors: int = 8
-    """Spatial neighbours that form a cell's niche."""
 
-    def __post_init__(self):
-        if self.name not in TASKS:
-            raise ValueError(f"task.name must be one of {TASKS}, got {self.name!r}")
-        if self.min_cells_per_class < 1:
-            raise ValueError(f"task.min_cells_per_class must be >= 1, got {self.min_cells_per_class}")
-        if not 0.0 <= self.unknown_threshold <= 1.0:
-            raise ValueError(f"task.unknown_threshold must be in [0, 1], got {self.unknown_threshold}")
-        if self.target_scale not in ("log1p", "normalized"):
-            raise ValueError(f"task.target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
-        if not 0.0 <= self.batch_dropout < 1.0:
-            raise ValueError(f"task.batch_dropout must be in [0, 1), got {self.batch_dropout}")
-        if self.adversary not in ("confusion", "reversal"):
-            raise ValueError(f"task.adversary must be 'confusion' or 'reversal', got {self.adversary!r}")
-        if self.n_neighbors < 1:
-            raise ValueError(f"task.n_neighbors must be >= 1, got {self.n_neighbors}")
-        for name in ("dar_weight", "ecs_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"task.{name} must be >= 0, got {getattr(self, name)}")
+
+def task_config_class(name: str) -> type[TaskConfig]:
+    """The TaskConfig subclass of the registered task `name` (imports that task's module)."""
+    from fm.tasks.registry import TASKS
+
+    if name not in TASKS:
+        raise ValueError(f"task.name must be one of {tuple(TASKS)}, got {name!r}")
+    cls = TASKS[name].load("config")
+    if not (isinstance(cls, type) and issubclass(cls, TaskConfig)):
+        raise TypeError(f"task {name!r}: its config {cls!r} is not a TaskConfig subclass")
+    return cls
 
 
 @dataclass
@@ -219,7 +179,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig | None = None
+    """Fine-tuning only (`fm finetune`); pretraining has none."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -286,7 +247,12 @@ def _build(cls, values: dict, where: str):
     for name, value in values.items():
         hint = hints[name]
         key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(hint):
+        if cls is RunConfig and name == "task":  # the task's own config class, chosen by task.name
+            value = value or {}
+            if not isinstance(value, dict):
+                raise TypeError(f"task: expected a mapping, got {value!r}")
+            kwargs[name] = _build(task_config_class(value.get("name", TaskConfig.name)), value, key) if value else None
+        elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value or {}, key)
         else:
             kwargs[name] = _check_type(value, hint, key)

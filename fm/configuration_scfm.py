@@ -45,6 +45,28 @@ class ScFMConfig(PretrainedConfig):
         pad_token_id: int = 0,  # gene-vocab ids of the special tokens, fixed by the tokenizer
         cls_token_id: int = 1,
         mask_token_id: int = 2,
+        # ---- task heads (fm/heads/<task>.py; written by fm/tasks/<task>.py when a head is fine-tuned, so
+        # an exported directory is self-describing). The class names come from transformers' own
+        # num_labels / id2label / label2id (annotation, cci).
+        label_key: str | None = None,  # annotation, cci: obs column the class names were read from
+        classifier_dropout: float | None = None,  # annotation: head dropout; None = `dropout`, as BERT
+        unknown_threshold: float = 0.0,  # annotation: fm.annotate says "unknown" below this top probability
+        target_scale: str = "log1p",  # imputation: scale fm.impute writes by default (log1p | normalized)
+        target_sum: float = 1e4,  # imputation: counts per cell of the normalisation the head predicts in
+        batch_key: str | None = None,  # batch_correction: obs column of the batch; one of condition_keys
+        num_batches: int = 0,  # batch_correction: batches the discriminator tells apart
+        adversary: str = "confusion",  # batch_correction: "confusion" target or scGPT's gradient "reversal"
+        dar_weight: float = 1.0,  # batch_correction: weight of the adversarial terms
+        ecs_weight: float = 10.0,  # batch_correction: weight of the elastic cell-similarity loss (scGPT's 10)
+        ecs_threshold: float = 0.8,  # batch_correction: ECS similarity threshold (scGPT's 0.8)
+        protein_key: str | None = None,  # modality_prediction: obsm key the ADT counts came from
+        protein_names: list[str] | None = None,  # modality_prediction: predicted proteins, output column order
+        protein_mean: list[float] | None = None,  # modality_prediction: train cells' CLR mean per protein (None: 0)
+        protein_std: list[float] | None = None,  # modality_prediction: train cells' CLR std per protein (None: 1)
+        isotype_controls: list[str] | None = None,  # modality_prediction: ADTs in the CLR mean, never predicted
+        niche_genes: list[str] | None = None,  # cci: genes the niche model predicts, output column order
+        spatial_key: str | None = None,  # cci: obsm key of the spatial coordinates
+        n_neighbors: int = 8,  # cci: spatial neighbours that form a cell's niche
         **kwargs,
     ):
         self.vocab_size = int(vocab_size)
@@ -68,6 +90,25 @@ class ScFMConfig(PretrainedConfig):
         self.initializer_range = float(initializer_range)
         self.cls_token_id = int(cls_token_id)
         self.mask_token_id = int(mask_token_id)
+        self.label_key = label_key
+        self.classifier_dropout = classifier_dropout
+        self.unknown_threshold = float(unknown_threshold)
+        self.target_scale = target_scale
+        self.target_sum = float(target_sum)
+        self.batch_key = batch_key
+        self.num_batches = int(num_batches)
+        self.adversary = adversary
+        self.dar_weight = float(dar_weight)
+        self.ecs_weight = float(ecs_weight)
+        self.ecs_threshold = float(ecs_threshold)
+        self.protein_key = protein_key
+        self.protein_names = None if protein_names is None else [str(n) for n in protein_names]
+        self.protein_mean = None if protein_mean is None else [float(v) for v in protein_mean]
+        self.protein_std = None if protein_std is None else [float(v) for v in protein_std]
+        self.isotype_controls = [str(n) for n in (isotype_controls or [])]
+        self.niche_genes = None if niche_genes is None else [str(g) for g in niche_genes]
+        self.spatial_key = spatial_key
+        self.n_neighbors = int(n_neighbors)
         self._validate()
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
@@ -90,6 +131,10 @@ class ScFMConfig(PretrainedConfig):
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.target_scale not in ("log1p", "normalized"):
+            raise ValueError(f"target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
+        if self.adversary not in ("confusion", "reversal"):
+            raise ValueError(f"adversary must be 'confusion' or 'reversal', got {self.adversary!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_genes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -253,6 +253,41 @@ class ScFMMaskedExpressionOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
 
 
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean squared error: sum(w · (pred - target)²) / sum(w), computed in pred's dtype.
+
+    `weights` is a bool mask (the scored positions) or per-position float weights (0 = not scored).
+    0 (still in the graph) when nothing is scored, so a batch without targets trains nothing.
+    The one masked loss of every head (GEP, MVC, imputation).
+    """
+    w = weights.to(pred.dtype)
+    return ((pred - target.to(pred.dtype)) ** 2 * w).sum() / w.sum().clamp(min=1.0)
+
+
+def prepare_masks(config: ScFMConfig, gene_ids: torch.Tensor, values: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, masked_positions: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention_mask, masked_positions) as bool (B, L): real gene tokens (default gene_ids != pad) and
+    the masked ones among them (default values == mask_value_id). Every head takes its masks from here."""
+    if attention_mask is None:
+        attention_mask = gene_ids != config.pad_token_id
+    attention_mask = attention_mask.bool()
+    if masked_positions is None:
+        masked_positions = values == config.mask_value_id
+    return attention_mask, masked_positions.bool() & attention_mask
+
+
+class ScFMExpressionHead(nn.Sequential):
+    """scGPT's GEP decoder: Linear(D, D) → GELU → Linear(D, 1) on each gene's hidden state → its
+    expression on the labels / (n_bins - 1) scale. (A Sequential, so the keys stay `0.*` / `2.*`.)"""
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__(nn.Linear(config.d_model, config.d_model), nn.GELU(), nn.Linear(config.d_model, 1))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden).squeeze(-1)
+
+
 class ScFMMVCHead(nn.Module):
     """scGPT's MVC "inner product" decoder: expression of gene g predicted from the cell embedding
     alone, as (W q_g) . cell with query q_g = sigmoid(Linear(gene embedding of g))."""
@@ -267,12 +302,6 @@ class ScFMMVCHead(nn.Module):
         return (self.W(q) * cell.unsqueeze(1)).sum(-1)  # (B, L)
 
 
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the selected positions; 0 (still in the graph) when none are."""
-    w = select.to(pred.dtype)
-    return ((pred - target) ** 2 * w).sum() / w.sum().clamp(min=1.0)
-
-
 class ScFMForMaskedExpression(ScFMPreTrainedModel):
     """Backbone + GEP head (expression from each gene's hidden state) + optional MVC head.
 
@@ -283,9 +312,7 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
     def __init__(self, config: ScFMConfig):
         super().__init__(config)
         self.scfm = ScFMModel(config)
-        self.gep_head = nn.Sequential(
-            nn.Linear(config.d_model, config.d_model), nn.GELU(), nn.Linear(config.d_model, 1)
-        )
+        self.gep_head = ScFMExpressionHead(config)
         self.mvc_head = ScFMMVCHead(config) if config.mvc else None
         self.post_init()
 
@@ -301,15 +328,10 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
     ) -> ScFMMaskedExpressionOutput | tuple:
         """labels: (B, L) true bin of every gene token; masked_positions: (B, L) bool, the
         positions scored by the loss (default: values == mask_value_id)."""
-        if attention_mask is None:
-            attention_mask = gene_ids != self.config.pad_token_id
-        attention_mask = attention_mask.bool()
-        if masked_positions is None:
-            masked_positions = values == self.config.mask_value_id
-        masked_positions = masked_positions.bool() & attention_mask
-
+        attention_mask, masked_positions = prepare_masks(self.config, gene_ids, values, attention_mask,
+                                                         masked_positions)
         out = self.scfm(gene_ids, values, attention_mask, condition_ids, masked_positions)
-        expression = self.gep_head(out.gene_hidden_states).squeeze(-1)  # (B, L)
+        expression = self.gep_head(out.gene_hidden_states)  # (B, L)
         mvc_expression = None
         if self.mvc_head is not None:
             mvc_expression = self.mvc_head(self.scfm.embeddings.gene(gene_ids), out.cell_embedding)
@@ -317,9 +339,9 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
         loss = gep_loss = mvc_loss = None
         if labels is not None:
             target = labels.to(expression.dtype) / (self.config.n_bins - 1)
-            loss = gep_loss = _masked_mse(expression, target, masked_positions)
+            loss = gep_loss = masked_mse(expression, target, masked_positions)
             if mvc_expression is not None:
-                mvc_loss = _masked_mse(mvc_expression, target, masked_positions)
+                mvc_loss = masked_mse(mvc_expression, target, masked_positions)
                 loss = gep_loss + mvc_loss
 
         result = ScFMMaskedExpressionOutput(
@@ -355,5 +377,9 @@ __all__ = [
     "ScFMModelOutput",
     "ScFMForMaskedExpression",
     "ScFMMaskedExpressionOutput",
+    "ScFMExpressionHead",
+    "ScFMMVCHead",
+    "masked_mse",
+    "prepare_masks",
     "register_auto_classes",
 ]

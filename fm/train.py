@@ -104,13 +104,20 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
+NO_DECAY_MODULES = (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.BatchNorm1d)
+"""Modules whose weights AdamW does not decay (a lookup table or a norm's gain is not a weight to shrink)."""
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases, norms and embeddings (GPT-2/BERT practice)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    """AdamW groups: decay only the ≥ 2-D weights of modules other than embeddings and norms (nanoGPT's
+    rule plus the module type, so an nn.Embedding head table is never decayed, whatever its name)."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 or isinstance(module, NO_DECAY_MODULES) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -1,4 +1,4 @@
-"""Batch correction (issue #6): ScFMForBatchIntegration (reconstruction + DAR + ECS), the batch
+"""Batch correction (issue #6): ScFMForBatchCorrection (reconstruction + DAR + ECS), the batch
 condition token, `fm finetune` of the recipe, fm.integrate, bad batch input, the harness's fm_finetune row."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from fm.cli import main
 from fm.config import load_config
 from fm.configuration_scfm import ScFMConfig
 from fm.heads import IGNORE_INDEX
-from fm.heads.integration import ScFMDiscriminatorHead, ScFMForBatchIntegration, adversarial_losses, ecs_loss
+from fm.heads.batch_correction import ScFMDiscriminatorHead, ScFMForBatchCorrection, adversarial_losses, ecs_loss
 from fm.paths import recipe_path
-from fm.tasks.batch_correction import (BatchIntegrationCollator, build_integration_model, load_batch_cells,
+from fm.tasks.batch_correction import (BatchCorrectionCollator, build_integration_model, load_batch_cells,
                                        run as run_batch_correction)
 from fm.tokenizer import TOKENIZER_FILE, UNKNOWN_CONDITION, CellTokenizer
 
@@ -43,7 +43,7 @@ def _model_and_batch(tiny_model_dir, tmp_path, adata, *extra):
     tokenizer = CellTokenizer.from_pretrained(tiny_model_dir)
     data, column = load_batch_cells([(adata, "kang")], tokenizer, cfg.task.batch_key)
     model = build_integration_model(tokenizer, cfg, column)
-    collator = BatchIntegrationCollator(n_bins=model.config.n_bins, max_genes=64, train=True, batch_column=column,
+    collator = BatchCorrectionCollator(n_bins=model.config.n_bins, max_genes=64, train=True, batch_column=column,
                                         zero_fraction=model.config.zero_fraction)
     return model, collator([data[i] for i in range(len(data))]), tokenizer
 
@@ -118,7 +118,7 @@ def test_gradient_reversal_mode_negates_the_backbone_gradient():
     with pytest.raises(ValueError, match="adversary"):
         adversarial_losses(head, cell, labels, mode="gan")
     with pytest.raises(ValueError, match="task.adversary"):
-        load_config(None, ["task.adversary=gan"])
+        load_config(None, ["task.name=batch_correction", "task.adversary=gan"])
 
 
 @pytest.mark.parametrize("ecs_weight", [0.0, 10.0])  # the recipe's objective, and with scGPT's ECS weight
@@ -155,7 +155,7 @@ def integrated(tiny_model_dir, tmp_path_factory):
 
 def test_finetune_exports_batch_condition_and_logs_every_term(integrated, tiny_model_dir):
     config = json.loads((integrated / "model" / "config.json").read_text())
-    assert config["architectures"] == ["ScFMForBatchIntegration"]
+    assert config["architectures"] == ["ScFMForBatchCorrection"]
     assert config["condition_keys"] == ["sample"] and config["condition_vocab_sizes"] == [5]
     assert config["batch_key"] == "sample" and config["ecs_weight"] == 0.0 and config["num_batches"] == 4
     tokenizer = json.loads((integrated / "model" / TOKENIZER_FILE).read_text())
@@ -163,7 +163,7 @@ def test_finetune_exports_batch_condition_and_logs_every_term(integrated, tiny_m
     header = (integrated / "train_log.csv").read_text().splitlines()[0].split(",")
     assert {"loss", "gep_loss", "mvc_loss", "dar_loss", "confusion_loss", "ecs_loss"} <= set(header)
     model = fm.load(integrated / "model")
-    assert isinstance(model, ScFMForBatchIntegration) and not model.training
+    assert isinstance(model, ScFMForBatchCorrection) and not model.training
     assert CellTokenizer.from_pretrained(tiny_model_dir).condition_keys == [], "the pretrained tokenizer is untouched"
 
 
@@ -245,12 +245,12 @@ def test_batch_dropout_is_deterministic_and_validated(tiny_model_dir, kang_small
     cells = CellTokenizer(condition_keys=["sample"], condition_categories={
         "sample": [UNKNOWN_CONDITION, "ctrl101", "ctrl107", "stim101", "stim107"]}).encode(kang_small)
     rows = [cells[i] for i in range(len(cells))]
-    collator = BatchIntegrationCollator(max_genes=32, batch_dropout=0.5)
+    collator = BatchCorrectionCollator(max_genes=32, batch_dropout=0.5)
     first, second = collator(rows), collator(rows)
     torch.testing.assert_close(first["condition_ids"], second["condition_ids"])
     dropped = first["condition_ids"][:, 0] == 0
     assert 0.2 < float(dropped.float().mean()) < 0.8 and (first["batch_labels"] >= 0).all()
-    assert not (BatchIntegrationCollator(max_genes=32, train=False)(rows)["condition_ids"] == 0).any()
+    assert not (BatchCorrectionCollator(max_genes=32, train=False)(rows)["condition_ids"] == 0).any()
     with pytest.raises(ValueError, match="batch_dropout"):
         run_batch_correction(_cfg(tiny_model_dir, tmp_path, "task.batch_dropout=1.0"), adatas=kang_small)
 

@@ -1,4 +1,4 @@
-"""Cell–cell interaction (issue #6): the niche head ScFMForNicheExpression, `fm finetune` of the cci
+"""Cell–cell interaction (issue #6): the niche head ScFMForCCI, `fm finetune` of the cci
 recipe, fm.interactions (denoised and niche variants), bad input, and the harness's fm rows.
 
 Data: 200 real PBMC cells (human genes, as the tiny model's vocabulary) placed at seeded random
@@ -18,7 +18,7 @@ import transformers
 import fm
 from fm.cli import main
 from fm.config import load_config
-from fm.heads.niche import ScFMForNicheExpression
+from fm.heads.cci import ScFMForCCI
 from fm.paths import recipe_path
 from fm.pretrain import export_pretrained
 from fm.tasks.cci import load_niche_cells, niche_graph, run as run_cci
@@ -51,7 +51,7 @@ def _niche_model(tiny_model_dir, spatial, tmp_path):
     cfg = load_config(recipe_path(RECIPE), _overrides(tiny_model_dir, tmp_path / "run"))
     tokenizer = CellTokenizer.from_pretrained(tiny_model_dir)
     data, types, genes = load_niche_cells([(spatial, "spatial")], tokenizer, "celltype", "spatial", 4)
-    model = load_head(ScFMForNicheExpression, cfg, num_labels=len(types), id2label=dict(enumerate(types)),
+    model = load_head(ScFMForCCI, cfg, num_labels=len(types), id2label=dict(enumerate(types)),
                       label2id={t: i for i, t in enumerate(types)}, niche_genes=genes, label_key="celltype",
                       spatial_key="spatial", n_neighbors=4)
     collator = LabeledCellCollator(**collator_kwargs(model, cfg), targets={
@@ -70,7 +70,7 @@ def test_niche_head_shapes_and_loss_goes_down(tiny_model_dir, spatial, tmp_path)
     assert 0 not in neighbors[0]
     assert data.cells.counts[: data.cells.indptr[1]].sum() == spatial.X[neighbors[0]][:, known].sum()
     out = model(**batch)
-    assert out.prediction.shape == (32, n_genes) and out.niche_embedding.shape == (32, model.config.d_model)
+    assert out.predictions.shape == (32, n_genes) and out.niche_embedding.shape == (32, model.config.d_model)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -89,9 +89,9 @@ def test_save_load_same_predictions(tiny_model_dir, spatial, tmp_path):
     model.eval()
     export_pretrained(tokenizer)(model, model.state_dict(), tmp_path / "export")
     loaded = fm.load(tmp_path / "export")
-    assert isinstance(loaded, ScFMForNicheExpression) and loaded.config.niche_genes == list(spatial.var_names)
+    assert isinstance(loaded, ScFMForCCI) and loaded.config.niche_genes == list(spatial.var_names)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).prediction, model(**batch).prediction)
+        torch.testing.assert_close(loaded(**batch).predictions, model(**batch).predictions)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def niche_dir(tiny_model_dir, pbmc_path, tmp_path_factory):
 
 def test_finetune_cli_exports_niche_model(niche_dir):
     config = json.loads((niche_dir / "config.json").read_text())
-    assert config["architectures"] == ["ScFMForNicheExpression"] and config["spatial_key"] == "spatial"
+    assert config["architectures"] == ["ScFMForCCI"] and config["spatial_key"] == "spatial"
     assert config["n_neighbors"] == 4 and config["label_key"] == "celltype" and len(config["id2label"]) == 8
     log = pd.read_csv(niche_dir.parent / "train_log.csv")
     assert len(log) == 4 and np.isfinite(log["loss"]).all()
@@ -210,4 +210,4 @@ def test_harness_fm_rows(niche_dir, tiny_model_dir, spatial, tmp_path):
     split = np.load(tmp_path / "out" / "splits" / "toy_spatial.npz")
     assert len(split["train"]) == len(split["test"]) == 100
     tuned = fm.load(next((tmp_path / "out" / "finetune").iterdir()) / "model")
-    assert isinstance(tuned, ScFMForNicheExpression)
+    assert isinstance(tuned, ScFMForCCI)

@@ -1,4 +1,4 @@
-"""Cell-type annotation (issue #6, first head): ScFMForCellClassification, the labelled collator,
+"""Cell-type annotation (issue #6, first head): ScFMForAnnotation, the labelled collator,
 `fm finetune` on real PBMC labels through the one training loop, fm.annotate, bad label input."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import fm
 from fm.cli import main
 from fm.config import load_config
 from fm.data import LabeledCellCollator
-from fm.heads import IGNORE_INDEX, ScFMForCellClassification
+from fm.heads import IGNORE_INDEX
+from fm.heads.annotation import ScFMForAnnotation
 from fm.paths import recipe_path
 from fm.tasks.annotation import build_classifier, encode_classes, load_labeled_cells, run as run_annotation
 from fm.tokenizer import TOKENIZER_FILE, CellTokenizer
@@ -26,7 +27,7 @@ CLASSES = ["B", "NK", "T"]
 
 def _classifier(tiny_model_dir, classes=CLASSES):
     torch.manual_seed(0)
-    return ScFMForCellClassification.from_pretrained(
+    return ScFMForAnnotation.from_pretrained(
         tiny_model_dir, num_labels=len(classes), id2label=dict(enumerate(classes)),
         label2id={c: i for i, c in enumerate(classes)}, output_loading_info=True)
 
@@ -113,13 +114,13 @@ def finetuned(tiny_model_dir, tmp_path_factory):
 
 def test_finetune_exports_labels_and_tokenizer(finetuned, tiny_model_dir):
     config = json.loads((finetuned / "config.json").read_text())
-    assert config["architectures"] == ["ScFMForCellClassification"]
+    assert config["architectures"] == ["ScFMForAnnotation"]
     assert len(config["id2label"]) == 9 and config["id2label"]["0"] == "B"
     assert config["unknown_threshold"] == 0.2 and config["label_key"] == "cell_type"
     assert (finetuned / TOKENIZER_FILE).is_file()
     assert CellTokenizer.from_pretrained(finetuned).vocab.sha256 == CellTokenizer.from_pretrained(tiny_model_dir).vocab.sha256
     model = fm.load(finetuned)
-    assert isinstance(model, ScFMForCellClassification) and not model.training
+    assert isinstance(model, ScFMForAnnotation) and not model.training
 
     # AutoModel: the backbone alone, nothing missing or unexpected; the Auto head class finds the head
     backbone, info = transformers.AutoModel.from_pretrained(finetuned, output_loading_info=True)
@@ -127,7 +128,7 @@ def test_finetune_exports_labels_and_tokenizer(finetuned, tiny_model_dir):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(backbone.layers[0].attn.qkv.weight, model.scfm.layers[0].attn.qkv.weight)
     assert isinstance(transformers.AutoModelForSequenceClassification.from_pretrained(finetuned),
-                      ScFMForCellClassification)
+                      ScFMForAnnotation)
 
 
 def test_annotate_fields_deterministic_x_untouched(finetuned, pbmc_small, tiny_model_dir):
@@ -221,13 +222,19 @@ def test_cells_without_labels_are_ignored_and_reported(tiny_model_dir, pbmc_smal
     assert labels.tolist() == [0, IGNORE_INDEX, 1]
 
 
-def test_default_task_section_is_harmless():
+def test_task_section_is_the_chosen_tasks_own_config():
     cfg = load_config(recipe_path("debug"))
-    assert cfg.task.name == "annotation" and cfg.data.paths
+    assert cfg.task is None and cfg.data.paths, "pretraining has no task section"
     ft = load_config(recipe_path(RECIPE))
+    assert type(ft.task).__name__ == "AnnotationConfig"
     assert ft.task.label_key == "cell_type" and ft.data.paths and ft.model.init_from is None
     with pytest.raises(ValueError, match="task.name"):
         load_config(None, ["task.name=segmentation"])
+    with pytest.raises(KeyError, match="task.batch_key"):  # another task's field is an unknown key here
+        load_config(recipe_path(RECIPE), ["task.batch_key=sample"])
+    with pytest.raises(ValueError, match="task.n_neighbors"):  # validated by the task's own config
+        load_config(None, ["task.name=cci", "task.n_neighbors=0"])
+    assert load_config(None, ["task.name=cci"]).task.spatial_key == "spatial"
 
 
 def test_build_classifier_refuses_a_non_backbone(tmp_path, tiny_model_dir):
@@ -261,9 +268,9 @@ def test_finetune_from_python_on_anndata(tiny_model_dir, pbmc_small, tmp_path):
     model = fm.finetune(tiny_model_dir, pbmc_small, task="annotation", output_dir=tmp_path / "ft",
                         train__max_steps=3, train__batch_size=16, train__progress=False, train__save_every=0,
                         data__max_genes=32, overrides={"task.min_cells_per_class": 1})
-    assert isinstance(model, ScFMForCellClassification) and model.config.num_labels >= 2
+    assert isinstance(model, ScFMForAnnotation) and model.config.num_labels >= 2
     assert model.cell_tokenizer is not None and (tmp_path / "ft" / "config.yaml").is_file()
-    with pytest.raises(ValueError, match="task must be"):
+    with pytest.raises(ValueError, match="unknown task"):
         fm.finetune(tiny_model_dir, pbmc_small, task="segmentation")
 
 

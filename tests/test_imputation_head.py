@@ -1,4 +1,4 @@
-"""Imputation / denoising (issue #6): ScFMForExpressionImputation, the held-out-gene collator,
+"""Imputation / denoising (issue #6): ScFMForImputation, the held-out-gene collator,
 `fm finetune` of the recipe, fm.impute, bad input, and the harness's fm_finetune row (no leakage)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import transformers
 import fm
 from fm.cli import main
 from fm.config import load_config
-from fm.heads.imputation import ScFMForExpressionImputation
+from fm.heads.imputation import ScFMForImputation
 from fm.paths import recipe_path
 from fm.tasks.common import TaskCells
 from fm.tasks.imputation import ImputationCollator, build_imputer, init_query_from_mvc, library_sizes
@@ -44,11 +44,11 @@ def _imputer(model_dir):
 def test_collator_holds_genes_out_of_the_input_and_scores_them(tiny_model_dir, pbmc_small):
     rows = _rows(tiny_model_dir, pbmc_small[:16])
     batch = _collator(tiny_model_dir)(rows)
-    assert batch["target_gene_ids"].shape == batch["target_values"].shape == batch["target_weights"].shape
+    assert batch["target_gene_ids"].shape == batch["labels"].shape == batch["label_weights"].shape
     assert not (batch["values"] == 51).any(), "nothing is value-masked: held-out genes leave the input"
     for i, row in enumerate(rows):
-        w = batch["target_weights"][i].numpy()
-        genes, values = batch["target_gene_ids"][i].numpy()[w > 0], batch["target_values"][i].numpy()[w > 0]
+        w = batch["label_weights"][i].numpy()
+        genes, values = batch["target_gene_ids"][i].numpy()[w > 0], batch["labels"][i].numpy()[w > 0]
         counts = dict(zip(row["gene_ids"].tolist(), row["counts"].tolist()))
         expressed = np.array([g in counts for g in genes])
         assert expressed.any() and (~expressed).any(), "held-out expressed genes and held-out zeros are scored"
@@ -63,9 +63,9 @@ def test_collator_holds_genes_out_of_the_input_and_scores_them(tiny_model_dir, p
     other = _collator(tiny_model_dir, epoch=1)(rows)
     assert not torch.equal(other["target_gene_ids"], batch["target_gene_ids"]), "fresh draws every epoch"
     capped = _collator(tiny_model_dir, max_targets=5)(rows)
-    full = (_collator(tiny_model_dir, max_targets=10**6)(rows)["target_weights"] > 0).sum(1)
-    np.testing.assert_allclose(capped["target_weights"].sum(1), full.float(), rtol=1e-5)  # reweighted, unbiased
-    assert int((capped["target_weights"] > 0).sum(1).max()) <= 10
+    full = (_collator(tiny_model_dir, max_targets=10**6)(rows)["label_weights"] > 0).sum(1)
+    np.testing.assert_allclose(capped["label_weights"].sum(1), full.float(), rtol=1e-5)  # reweighted, unbiased
+    assert int((capped["label_weights"] > 0).sum(1).max()) <= 10
     with pytest.raises(ValueError, match="train=False"):
         ImputationCollator(train=True)
 
@@ -79,11 +79,11 @@ def test_head_shapes_loss_and_mvc_init(tiny_model_dir, pbmc_small):
     batch = _collator(tiny_model_dir)(_rows(tiny_model_dir, pbmc_small[:8]))
     model.eval()
     out = model(**batch)
-    assert out.prediction.shape == batch["target_gene_ids"].shape and out.cell_embedding.shape == (8, model.config.d_model)
-    w = batch["target_weights"]
-    torch.testing.assert_close(out.loss, ((out.prediction - batch["target_values"]) ** 2 * w).sum() / w.sum())
+    assert out.predictions.shape == batch["target_gene_ids"].shape and out.cell_embedding.shape == (8, model.config.d_model)
+    w = batch["label_weights"]
+    torch.testing.assert_close(out.loss, ((out.predictions - batch["labels"]) ** 2 * w).sum() / w.sum())
     keys, bias = model.gene_keys(batch["target_gene_ids"][0])
-    torch.testing.assert_close(out.cell_embedding[0] @ keys.T + bias, out.prediction[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.cell_embedding[0] @ keys.T + bias, out.predictions[0], rtol=1e-4, atol=1e-5)
     assert init_query_from_mvc(model, tiny_model_dir)  # a pretraining checkpoint has an mvc_head
 
 
@@ -115,10 +115,10 @@ def finetuned(tiny_model_dir, tmp_path_factory):
 
 def test_finetune_exports_a_self_describing_model(finetuned):
     config = json.loads((finetuned / "config.json").read_text())
-    assert config["architectures"] == ["ScFMForExpressionImputation"]
+    assert config["architectures"] == ["ScFMForImputation"]
     assert config["target_scale"] == "normalized" and config["target_sum"] == 1e4
     model = fm.load(finetuned)
-    assert isinstance(model, ScFMForExpressionImputation) and not model.training
+    assert isinstance(model, ScFMForImputation) and not model.training
     backbone, info = transformers.AutoModel.from_pretrained(finetuned, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 

@@ -1,4 +1,4 @@
-"""Modality prediction, RNA → protein (issue #6): ScFMForProteinPrediction, CLR targets shared with
+"""Modality prediction, RNA → protein (issue #6): ScFMForModalityPrediction, CLR targets shared with
 the benchmark, `fm finetune` of the shipped recipe on the real CITE-seq file, fm.predict_protein,
 bad protein input, and the harness's fm_finetune row on the ci profile."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ import fm
 from fm.cli import main
 from fm.config import load_config
 from fm.data import LabeledCellCollator
-from fm.heads.protein import ScFMForProteinPrediction
+from fm.heads.modality_prediction import ScFMForModalityPrediction
 from fm.paths import recipe_path
 from fm.tasks.modality_prediction import clr, load_protein_cells, read_proteins, run as run_modality
 from fm.tokenizer import CellTokenizer
@@ -36,7 +36,7 @@ def _head(tiny_model_dir, **fields):
     torch.manual_seed(0)
     config = transformers.AutoConfig.from_pretrained(tiny_model_dir)
     config.update({"protein_names": NAMES, **fields})
-    return ScFMForProteinPrediction.from_pretrained(tiny_model_dir, config=config, output_loading_info=True)
+    return ScFMForModalityPrediction.from_pretrained(tiny_model_dir, config=config, output_loading_info=True)
 
 
 def _batch(tiny_model_dir, adata, targets):
@@ -69,7 +69,7 @@ def test_head_shapes_standardised_loss(tiny_model_dir, pbmc_small):
     torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(z, (batch["labels"] - mean) / std))
     assert float(model(**{**batch, "labels": out.predictions}).loss.detach()) < 1e-10
     with pytest.raises(ValueError, match="protein_names"):
-        ScFMForProteinPrediction.from_pretrained(tiny_model_dir)
+        ScFMForModalityPrediction.from_pretrained(tiny_model_dir)
 
 
 def test_loss_goes_down(tiny_model_dir, pbmc_small):
@@ -120,11 +120,11 @@ def citeseq_small():
 
 def test_finetune_exports_proteins(finetuned, tiny_model_dir):
     config = json.loads((finetuned / "config.json").read_text())
-    assert config["architectures"] == ["ScFMForProteinPrediction"]
+    assert config["architectures"] == ["ScFMForModalityPrediction"]
     assert config["protein_names"] == ["CD3", "CD4-1", "CD8", "CD11c", "CD14-1", "CD16", "CD19-1", "CD56", "CD45"]
     assert config["isotype_controls"] == ["IgG1_control_TotalSeqC"] and config["protein_key"] == "protein_counts"
     assert len(config["protein_mean"]) == len(config["protein_std"]) == 9 and min(config["protein_std"]) > 0
-    assert isinstance(fm.load(finetuned), ScFMForProteinPrediction)
+    assert isinstance(fm.load(finetuned), ScFMForModalityPrediction)
     backbone, info = transformers.AutoModel.from_pretrained(finetuned, output_loading_info=True)
     assert type(backbone).__name__ == "ScFMModel" and not info["missing_keys"] and not info["unexpected_keys"]
 

@@ -1,4 +1,4 @@
-"""Expression imputation / denoising head: ScFMForExpressionImputation.
+"""Expression imputation / denoising head: ScFMForImputation.
 
 The expression of ANY vocabulary gene is predicted from the cell embedding alone, by querying the
 gene's embedding (scGPT's MVC decoder): pred(g, cell) = (W q_g) · cell / √D + b(q_g), q_g = sigmoid(
@@ -21,16 +21,16 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel, masked_mse
 
 
 @dataclass
 class ScFMImputationOutput(ModelOutput):
-    """loss: weighted MSE over the scored genes (when target_values given); prediction (B, K): the
+    """loss: weighted MSE over the scored genes (when labels given); predictions (B, K): the
     predicted log1p-normalised expression of target_gene_ids; cell_embedding (B, D)."""
 
     loss: torch.FloatTensor | None = None
-    prediction: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
 
 
@@ -56,7 +56,7 @@ class ScFMImputationHead(nn.Module):
         return (keys * cell.unsqueeze(1)).sum(-1) + bias
 
 
-class ScFMForExpressionImputation(ScFMPreTrainedModel):
+class ScFMForImputation(ScFMPreTrainedModel):
     """Backbone + gene-query decoder on the cell embedding: expression of any vocabulary gene.
 
     config.target_scale ('log1p' | 'normalized') is the scale fm.impute writes by default; the
@@ -81,25 +81,23 @@ class ScFMForExpressionImputation(ScFMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         target_gene_ids: torch.Tensor | None = None,
-        target_values: torch.Tensor | None = None,
-        target_weights: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        label_weights: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> ScFMImputationOutput | tuple:
-        """target_gene_ids (B, K) long: genes to predict (padding = pad_token_id); target_values (B, K)
-        float: their true log1p-normalised expression; target_weights (B, K): each position's weight
-        in the MSE (0 = padding; default: 1 where target_gene_ids is not padding)."""
+        """target_gene_ids (B, K) long: genes to predict (padding = pad_token_id); labels (B, K) float:
+        their true log1p-normalised expression; label_weights (B, K): each position's weight in the
+        MSE (0 = padding; default: 1 where target_gene_ids is not padding)."""
         out = self.scfm(gene_ids, values, attention_mask, condition_ids)
-        prediction = loss = None
+        predictions = loss = None
         if target_gene_ids is not None:
-            prediction = self.impute_head(self.scfm.embeddings.gene(target_gene_ids), out.cell_embedding)
-            if target_values is not None:
-                if target_weights is None:
-                    target_weights = (target_gene_ids != self.config.pad_token_id).float()
-                w = target_weights.to(prediction.device).float()
-                err = (prediction.float() - target_values.to(prediction.device).float()) ** 2
-                loss = (err * w).sum() / w.sum().clamp(min=1e-8)  # 0 (still in the graph) when nothing is scored
-        result = ScFMImputationOutput(loss=loss, prediction=prediction, cell_embedding=out.cell_embedding)
+            predictions = self.impute_head(self.scfm.embeddings.gene(target_gene_ids), out.cell_embedding)
+            if labels is not None:
+                if label_weights is None:
+                    label_weights = target_gene_ids != self.config.pad_token_id
+                loss = masked_mse(predictions.float(), labels.to(predictions.device), label_weights.to(predictions.device))
+        result = ScFMImputationOutput(loss=loss, predictions=predictions, cell_embedding=out.cell_embedding)
         return result if return_dict else result.to_tuple()
 
 
-__all__ = ["ScFMForExpressionImputation", "ScFMImputationHead", "ScFMImputationOutput"]
+__all__ = ["ScFMForImputation", "ScFMImputationHead", "ScFMImputationOutput"]

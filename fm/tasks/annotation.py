@@ -1,4 +1,5 @@
-"""Cell-type annotation: obs[label_key] → ScFMForCellClassification fine-tuned by the one loop → export.
+"""Cell-type annotation: obs[label_key] → ScFMForAnnotation fine-tuned by the one loop → export;
+fm.annotate applies it, fm.transfer_labels annotates zero-shot (kNN vote in embedding space).
 
 Labels: the classes are the sorted distinct non-missing values of obs[label_key] over all files
 (classes with fewer than task.min_cells_per_class cells are dropped). Cells without a usable label
@@ -7,19 +8,41 @@ stay in the data but get IGNORE_INDEX, so the loss skips them; their count is lo
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from fm.config import RunConfig
+from fm.config import RunConfig, TaskConfig
 from fm.data import LabeledCellCollator
-from fm.heads import IGNORE_INDEX, ScFMForCellClassification
+from fm.heads import IGNORE_INDEX
+from fm.heads.annotation import ScFMForAnnotation
+from fm.inference import cell_embeddings, run_batched, write_labels
 from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
                              load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
 from fm.train import TrainResult
 
 log = logging.getLogger("fm")
+
+
+@dataclass
+class AnnotationConfig(TaskConfig):
+    """task.name=annotation: a classifier of obs[label_key]."""
+
+    name: str = "annotation"
+    label_key: str = "cell_type"
+    """obs column holding each cell's label; missing values (NaN/empty) are left out of the loss."""
+    min_cells_per_class: int = 1
+    """Classes with fewer labelled cells than this are treated as missing labels (and reported)."""
+    unknown_threshold: float = 0.5
+    """fm.annotate calls a cell 'unknown' when its top class probability is below this (saved in the model)."""
+
+    def __post_init__(self):
+        if self.min_cells_per_class < 1:
+            raise ValueError(f"task.min_cells_per_class must be >= 1, got {self.min_cells_per_class}")
+        if not 0.0 <= self.unknown_threshold <= 1.0:
+            raise ValueError(f"task.unknown_threshold must be in [0, 1], got {self.unknown_threshold}")
 
 
 def read_labels(obs: pd.DataFrame, label_key: str, source: str) -> np.ndarray:
@@ -66,10 +89,10 @@ def load_labeled_cells(sources, tokenizer: CellTokenizer, label_key: str,
     return TaskCells(cells, {"label": labels}), classes
 
 
-def build_classifier(classes: list[str], cfg: RunConfig) -> ScFMForCellClassification:
+def build_classifier(classes: list[str], cfg: RunConfig) -> ScFMForAnnotation:
     """Backbone from model.init_from, a new classifier head; class names and fm.annotate's defaults
     (unknown_threshold, label_key) saved in config.json."""
-    return load_head(ScFMForCellClassification, cfg, num_labels=len(classes), id2label=dict(enumerate(classes)),
+    return load_head(ScFMForAnnotation, cfg, num_labels=len(classes), id2label=dict(enumerate(classes)),
                      label2id={c: i for i, c in enumerate(classes)}, unknown_threshold=cfg.task.unknown_threshold,
                      label_key=cfg.task.label_key)
 
@@ -124,8 +147,6 @@ def transfer_labels(query, reference, model, label_key: str = "cell_type", k: in
     """
     import torch
 
-    from fm.api import UNKNOWN, _backbone, _run_batched
-
     names = read_labels(reference.obs, label_key, "reference")
     known = np.flatnonzero(names != None)  # noqa: E711
     classes = sorted(set(names[known].astype(str)))
@@ -133,10 +154,11 @@ def transfer_labels(query, reference, model, label_key: str = "cell_type", k: in
         raise ValueError(f"reference obs[{label_key!r}] has no labels to transfer")
     if not 1 <= k:
         raise ValueError(f"k must be >= 1, got {k}")
-    backbone = _backbone(model)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+
     def embed(adata, desc):
-        out, _ = _run_batched(adata, model, lambda m, batch: backbone(**batch).cell_embedding, model.config.d_model,
-                              batch_size, 4096, progress, False, desc)
+        out = cell_embeddings(adata, model, batch_size=batch_size, progress=progress, desc=desc)
         return torch.nn.functional.normalize(torch.from_numpy(out), dim=1)
     ref = embed(reference, "reference")[known]
     qry = embed(query, "query")
@@ -147,16 +169,37 @@ def transfer_labels(query, reference, model, label_key: str = "cell_type", k: in
         sim, idx = (qry[lo:lo + 4096] @ ref.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), len(classes)).scatter_add_(1, target[idx], sim.clamp(min=0) + 1e-6)
         probs[lo:lo + len(sim)] = (votes / votes.sum(1, keepdim=True)).numpy()
-    best = probs.argmax(1)
-    confidence = probs[np.arange(len(probs)), best]
-    labels = np.asarray(classes, dtype=object)[best]
-    labels[confidence < threshold] = UNKNOWN
-    query.obs[key] = pd.Categorical(labels, categories=classes + ([UNKNOWN] if UNKNOWN not in classes else []))
-    query.obs[key + "_confidence"] = confidence
-    query.obsm[key + "_probabilities"] = probs
-    query.uns[key + "_classes"] = np.asarray(classes, dtype=object)
-    return labels
+    return write_labels(query, key, probs, classes, threshold)
 
 
-__all__ = ["build_classifier", "encode_classes", "heldout_accuracy", "load_labeled_cells", "read_labels", "run",
+def annotate(adata, model, key: str = "fm_cell_type", threshold: float | None = None, batch_size: int = 64,
+             chunk_size: int = 4096, progress: bool = False) -> np.ndarray:
+    """Predict each cell's class with a fine-tuned classifier (`fm finetune`, task annotation).
+
+    Writes, and returns the labels of:
+      obs[key]                     predicted class name, "unknown" where confidence < threshold
+      obs[key + "_confidence"]     top class probability (float32)
+      obsm[key + "_probabilities"] cells × classes softmax probabilities (float32)
+      uns[key + "_classes"]        class names, the column order of the probabilities
+    threshold None = the model's `config.unknown_threshold` (task.unknown_threshold at fine-tuning);
+    0 never says "unknown". Streams like fm.embed; X is never modified; deterministic.
+    adata is written only at the end, so a failure leaves it as it was.
+    """
+    import torch
+
+    if not hasattr(model, "classifier_head"):
+        raise ValueError(f"{type(model).__name__} has no classifier head: load a model fine-tuned for annotation "
+                         "(fm finetune recipes/finetune/annotation.yaml …)")
+    id2label = model.config.id2label or {}
+    classes = [str(id2label[i]) for i in range(len(id2label))]
+    threshold = float(model.config.unknown_threshold if threshold is None else threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    probs, _ = run_batched(adata, model, lambda m, batch: torch.softmax(m(**batch).logits.float(), dim=-1),
+                           width=len(classes), batch_size=batch_size, chunk_size=chunk_size, progress=progress,
+                           desc="annotate")
+    return write_labels(adata, key, probs, classes, threshold)
+
+
+__all__ = ["AnnotationConfig", "annotate", "build_classifier", "encode_classes", "heldout_accuracy", "load_labeled_cells", "read_labels", "run",
            "transfer_labels"]

@@ -1,4 +1,4 @@
-"""Batch correction: obs[batch_key] → ScFMForBatchIntegration fine-tuned by the one loop → fm.integrate.
+"""Batch correction: obs[batch_key] → ScFMForBatchCorrection fine-tuned by the one loop → fm.integrate.
 
 Integration is unsupervised: the fine-tuning sees every cell to be integrated with its batch label
 and nothing else (no cell types). The batch becomes a condition token — the checkpoint's
@@ -6,7 +6,7 @@ tokenizer gets task.batch_key appended to its condition keys, with the batches o
 data as categories (id 0 = unknown), and the model a new condition table for it
 (scfm.embeddings.conditions.<i>, the one backbone tensor the pretrained weights lack). A
 checkpoint that already has conditions keeps them. The objective (reconstruction + adversarial
-batch discriminator + elastic cell similarity) is documented in fm/heads/integration.py.
+batch discriminator + elastic cell similarity) is documented in fm/heads/batch_correction.py.
 
 fm.integrate(adata, model) then writes the fine-tuned model's cell embeddings to
 obsm["X_fm_integrated"]; batches it was not fine-tuned on use the unknown batch token (the
@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fm.config import RunConfig
+from fm.config import RunConfig, TaskConfig
 from fm.data.collator import CellCollator, hashed_uniform
 from fm.heads import IGNORE_INDEX
-from fm.heads.integration import ScFMForBatchIntegration
+from fm.heads.batch_correction import ScFMForBatchCorrection
+from fm.inference import cell_embeddings
 from fm.tasks.common import (TaskCells, collator_kwargs, encode_with_targets, load_head, load_task_cells,
                              split_cells, train_task)
 from fm.tokenizer import UNKNOWN_CONDITION, CellTokenizer
@@ -36,6 +37,36 @@ log = logging.getLogger("fm")
 
 NEW_TABLE = "scfm.embeddings.conditions.{}."
 """Weights of the batch condition table the task adds (absent from the pretrained checkpoint)."""
+
+
+@dataclass
+class BatchCorrectionConfig(TaskConfig):
+    """task.name=batch_correction: scGPT's integration objective with the batch as a condition token."""
+
+    name: str = "batch_correction"
+    batch_key: str = "batch"
+    """obs column naming each cell's batch (a condition token and the discriminator's target)."""
+    dar_weight: float = 1.0
+    """Weight of the adversarial batch terms: discriminator cross-entropy + the backbone's confusion loss
+    (scGPT's DAR with a confusion target instead of gradient reversal: fm/heads/batch_correction.py says why)."""
+    adversary: str = "confusion"
+    """'confusion' (discriminator vs a uniform-prediction target; stops at chance) or 'reversal' (scGPT's
+    gradient-reversal layer, for comparison: fm/heads/batch_correction.py)."""
+    ecs_weight: float = 10.0
+    """Weight of the elastic cell-similarity loss (scGPT's ECS); 0 disables it."""
+    ecs_threshold: float = 0.8
+    """ECS pushes cell-embedding cosine similarities below this and pulls those above it up (scGPT's 0.8)."""
+    batch_dropout: float = 0.1
+    """Share of training cells whose batch token is the unknown token, which fm.integrate gives unseen batches."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.batch_dropout < 1.0:
+            raise ValueError(f"task.batch_dropout must be in [0, 1), got {self.batch_dropout}")
+        if self.adversary not in ("confusion", "reversal"):
+            raise ValueError(f"task.adversary must be 'confusion' or 'reversal', got {self.adversary!r}")
+        for name in ("dar_weight", "ecs_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"task.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def read_batches(obs: pd.DataFrame, batch_key: str, source: str) -> pd.Series:
@@ -52,7 +83,7 @@ def read_batches(obs: pd.DataFrame, batch_key: str, source: str) -> pd.Series:
 
 
 @dataclass
-class BatchIntegrationCollator(CellCollator):
+class BatchCorrectionCollator(CellCollator):
     """Pretraining-style masked batches plus `batch_labels` (B,) = the true batch index of each cell.
 
     The batch token (column `batch_column` of condition_ids) is replaced by the unknown token (0)
@@ -110,7 +141,7 @@ def load_batch_cells(sources, tokenizer: CellTokenizer, batch_key: str) -> tuple
     return TaskCells(cells), column
 
 
-def build_integration_model(tokenizer: CellTokenizer, cfg: RunConfig, column: int) -> ScFMForBatchIntegration:
+def build_integration_model(tokenizer: CellTokenizer, cfg: RunConfig, column: int) -> ScFMForBatchCorrection:
     """Backbone of model.init_from with the batch condition table added; heads (and loss weights,
     batch_key for fm.integrate) in config.json."""
     from transformers import AutoConfig
@@ -118,7 +149,7 @@ def build_integration_model(tokenizer: CellTokenizer, cfg: RunConfig, column: in
     pretrained = AutoConfig.from_pretrained(cfg.model.init_from)
     sizes = tokenizer.condition_vocab_sizes()
     new = () if column < len(pretrained.condition_keys) else (NEW_TABLE.format(column),)
-    return load_head(ScFMForBatchIntegration, cfg, new_backbone_keys=new, condition_keys=list(tokenizer.condition_keys),
+    return load_head(ScFMForBatchCorrection, cfg, new_backbone_keys=new, condition_keys=list(tokenizer.condition_keys),
                      condition_vocab_sizes=sizes, batch_key=cfg.task.batch_key, num_batches=sizes[column] - 1,
                      dar_weight=cfg.task.dar_weight, adversary=cfg.task.adversary, ecs_weight=cfg.task.ecs_weight,
                      ecs_threshold=cfg.task.ecs_threshold)
@@ -130,7 +161,7 @@ def run(cfg: RunConfig, resume: bool = False, adatas=None) -> TrainResult:
         cfg, adatas, lambda sources, tokenizer: load_batch_cells(sources, tokenizer, cfg.task.batch_key))
     train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
     model = build_integration_model(tokenizer, cfg, column)
-    collator = BatchIntegrationCollator(mask_ratio=cfg.data.mask_ratio, train=True, batch_column=column,
+    collator = BatchCorrectionCollator(mask_ratio=cfg.data.mask_ratio, train=True, batch_column=column,
                                         batch_dropout=cfg.task.batch_dropout, **collator_kwargs(model, cfg))
     return train_task(model, tokenizer, train_cells, val_cells, collator, cfg, resume, accelerator)
 
@@ -171,9 +202,7 @@ def integrate(adata, model, batch_key: str | None = None, key: str = "X_fm_integ
     never modified; deterministic; adata is written only at the end (a failure leaves it as it was).
     drop_empty: cells without any vocabulary gene get NaN rows instead of an error.
     """
-    from fm.api import _backbone, _run_batched
-
-    fine_tuned = isinstance(model, ScFMForBatchIntegration)
+    fine_tuned = isinstance(model, ScFMForBatchCorrection)
     renamed = nullcontext()
     if fine_tuned:
         batch_key = batch_key or model.config.batch_key
@@ -183,16 +212,13 @@ def integrate(adata, model, batch_key: str | None = None, key: str = "X_fm_integ
         log.warning("%s is not fine-tuned for batch correction: writing its zero-shot cell embedding to obsm[%r] "
                     "(batch_key unused). Fine-tune first: fm finetune recipes/finetune/batch_correction.yaml "
                     "model.init_from=<checkpoint>", type(model).__name__, key)
-    backbone = _backbone(model)
     with renamed:
-        out, keep = _run_batched(adata, model, lambda m, batch: backbone(**batch).cell_embedding,
-                                 model.config.d_model, batch_size, chunk_size, progress, drop_empty, "integrate")
-    if drop_empty and not keep.all():
-        out[~keep] = np.nan
+        out = cell_embeddings(adata, model, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
+                              drop_empty=drop_empty, desc="integrate")
     adata.obsm[key] = out
     adata.uns[key] = {"params": {"batch_key": batch_key if fine_tuned else None, "fine_tuned": fine_tuned}}
     return out
 
 
-__all__ = ["BatchIntegrationCollator", "add_batch_condition", "build_integration_model", "integrate",
+__all__ = ["BatchCorrectionCollator", "BatchCorrectionConfig", "add_batch_condition", "build_integration_model", "integrate",
            "load_batch_cells", "read_batches", "run"]

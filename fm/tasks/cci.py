@@ -1,5 +1,5 @@
 """Cell–cell interactions: `fm.interactions` (LIANA-shaped ligand–receptor ranking) and `run` (the
-`fm finetune` job of the spatial niche model ScFMForNicheExpression).
+`fm finetune` job of the spatial niche model ScFMForCCI).
 
 fm.interactions has two variants, chosen by the model it is given:
 - denoised (any pretrained checkpoint with an MVC head, or an imputation model): every cell's
@@ -8,7 +8,7 @@ fm.interactions has two variants, chosen by the model it is given:
   (through fm.impute) log1p(counts/1e4); negative predictions are clipped to 0. score(L, R, s→t) = mean L in group s ×
   mean R in group t (a complex = min over subunits, per cell); p-value under permuted cell labels.
 - niche (a model fine-tuned here, on data with spatial coordinates): for every receiver cell the
-  model predicts its expression from its k spatial neighbours (fm.heads.niche). With P(g | a near b)
+  model predicts its expression from its k spatial neighbours (fm.heads.cci). With P(g | a near b)
   the mean prediction for cells of group a that have a neighbour of group b:
     score = P(L | s near t) · P(R | t near s)      predicted L·R on s→t contacts;
     niche_effect = score − the same with the t senders (resp. s senders) removed from the niches
@@ -19,6 +19,7 @@ Both write the frame to adata.uns[key_added] and never touch X.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
@@ -26,9 +27,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from fm.config import RunConfig
+from fm.config import RunConfig, TaskConfig
 from fm.data import LabeledCellCollator
-from fm.heads.niche import ScFMForNicheExpression
+from fm.heads.cci import ScFMForCCI
+from fm.inference import backbone as _backbone_of, run_batched
 from fm.tasks.cci_scoring import (complex_values, conditional_means, group_codes, group_means, load_resource,
                                   pair_genes, permutation_pvalues, result_frame, usable_pairs)
 from fm.tasks.common import TaskCells, collator_kwargs, load_head, load_task_cells, split_cells, train_task
@@ -36,6 +38,23 @@ from fm.tokenizer import CellTokenizer, EncodedCells
 from fm.train import TrainResult
 
 log = logging.getLogger("fm")
+
+
+@dataclass
+class CciConfig(TaskConfig):
+    """task.name=cci: the spatial niche model (a receiver's expression from its neighbours)."""
+
+    name: str = "cci"
+    label_key: str = "cell_type"
+    """obs column of each cell's type (the senders and receivers of interactions)."""
+    spatial_key: str = "spatial"
+    """obsm key of the cells' spatial coordinates."""
+    n_neighbors: int = 8
+    """Spatial neighbours that form a cell's niche."""
+
+    def __post_init__(self):
+        if self.n_neighbors < 1:
+            raise ValueError(f"task.n_neighbors must be >= 1, got {self.n_neighbors}")
 
 TARGET_SUM = 1e4
 """Targets are log1p(counts / cell total · 1e4), the harness's normalisation."""
@@ -138,12 +157,12 @@ def load_niche_cells(sources, tokenizer: CellTokenizer, label_key: str, spatial_
 
 
 def run(cfg: RunConfig, resume: bool = False, adatas=None) -> TrainResult:
-    """The whole `fm finetune` job for task.name=cci: ScFMForNicheExpression on every receiver cell."""
+    """The whole `fm finetune` job for task.name=cci: ScFMForCCI on every receiver cell."""
     accelerator, tokenizer, (data, types, genes) = load_task_cells(
         cfg, adatas, lambda sources, tokenizer: load_niche_cells(sources, tokenizer, cfg.task.label_key,
                                                                  cfg.task.spatial_key, cfg.task.n_neighbors))
     train_cells, val_cells = split_cells(data, cfg.data.val_fraction, cfg.train.seed)
-    model = load_head(ScFMForNicheExpression, cfg, num_labels=len(types), id2label=dict(enumerate(types)),
+    model = load_head(ScFMForCCI, cfg, num_labels=len(types), id2label=dict(enumerate(types)),
                       label2id={t: i for i, t in enumerate(types)}, niche_genes=genes, label_key=cfg.task.label_key,
                       spatial_key=cfg.task.spatial_key, n_neighbors=cfg.task.n_neighbors)
     # start from NCEM's type-only model: base[type] = the type's mean profile over the training receivers
@@ -172,21 +191,20 @@ def denoised_expression(adata, model, columns: np.ndarray, vocab_ids: np.ndarray
     An imputation model goes through fm.impute (its log1p scale and clipping; it predicts every gene,
     cells × genes dense); otherwise the pretraining MVC head, clipped at 0. Every gene of the cell is
     the model's input either way: only the outputs are restricted to `columns`."""
-    from fm.api import _backbone, _run_batched
-
     if isinstance(getattr(model, "impute_head", None), torch.nn.Module):
         from fm.tasks.imputation import impute
 
         shallow = ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=adata.var)  # impute writes here
         return impute(shallow, model, scale="log1p", batch_size=batch_size, progress=progress)[:, columns]
-    head, backbone = model.mvc_head, _backbone(model)
+    head, backbone = model.mvc_head, _backbone_of(model)
 
     def predict(m, batch):
         cell = backbone(**batch).cell_embedding
         emb = backbone.embeddings.gene(torch.as_tensor(vocab_ids, device=cell.device))
         return head(emb.unsqueeze(0).expand(len(cell), -1, -1), cell).clamp_min(0.0)
 
-    values, _ = _run_batched(adata, model, predict, len(columns), batch_size, 4096, progress, False, "interactions")
+    values, _ = run_batched(adata, model, predict, width=len(columns), batch_size=batch_size, progress=progress,
+                            desc="interactions")
     return values
 
 
@@ -214,16 +232,14 @@ def _denoised_interactions(adata, model, codes, groups, pairs, n_perms, seed, ba
 def niche_predictions(adata, model, codes, neighbors, batch_size: int, progress: bool = False):
     """Predictions with the full niche (cells × genes) and, per group u, (receivers, predictions
     without their u senders) for receivers with a u sender and another one."""
-    from fm.api import _run_batched
-
     tokenizer, n_types = model.cell_tokenizer, model.config.num_labels
     counts = _counts(adata, tokenizer)
     plans = [(None, *niche_members(neighbors, codes))]
     plans += [(u, *niche_members(neighbors, codes, u)) for u in range(n_types)]
     blocks = [niche_pseudobulk(counts, neighbors, codes, n_types, rows, member) for _, rows, member in plans]
     niches = _as_anndata(sp.vstack([b[0] for b in blocks]).tocsr(), adata.var, tokenizer)
-    embedding, _ = _run_batched(niches, model, lambda m, batch: m.scfm(**batch).cell_embedding, model.config.d_model,
-                                batch_size, 4096, progress, False, "niches")
+    embedding, _ = run_batched(niches, model, lambda m, batch: m.scfm(**batch).cell_embedding,
+                               width=model.config.d_model, batch_size=batch_size, progress=progress, desc="niches")
     receivers = np.concatenate([rows for _, rows, _ in plans])
     with torch.inference_mode():
         device = next(model.parameters()).device
@@ -291,7 +307,7 @@ def interactions(adata, model, groupby: str = "cell_type", resource="consensus",
     docstring for the scales. Every group needs ≥ 2 cells. X is never modified.
     """
     codes, groups = group_codes(adata.obs, groupby)
-    niche = isinstance(model, ScFMForNicheExpression)
+    niche = isinstance(model, ScFMForCCI)
     if not niche:
         _can_denoise(model)  # before any work
     pairs = load_resource(resource)

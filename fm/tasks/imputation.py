@@ -1,4 +1,4 @@
-"""Imputation / denoising: fine-tune ScFMForExpressionImputation (`fm finetune`, task imputation)
+"""Imputation / denoising: fine-tune ScFMForImputation (`fm finetune`, task imputation)
 and write every gene's predicted expression into AnnData (`fm.impute`).
 
 Scale. Targets and predictions are log1p(count / library · 1e4), the library being the cell's total
@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fm.config import RunConfig
+from fm.config import RunConfig, TaskConfig
 from fm.data.collator import CellCollator, hashed_uniform
-from fm.heads.imputation import ScFMForExpressionImputation
+from fm.heads.imputation import ScFMForImputation
+from fm.inference import model_device, run_batched
 from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
                              load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
@@ -35,6 +36,19 @@ log = logging.getLogger("fm")
 TARGET_SUM = 1e4
 """Counts per cell after normalisation (scanpy's normalize_total default used across the project)."""
 SCALES = ("log1p", "normalized")
+
+
+@dataclass
+class ImputationConfig(TaskConfig):
+    """task.name=imputation: a gene-query decoder of every gene's expression."""
+
+    name: str = "imputation"
+    target_scale: str = "log1p"
+    """Scale the imputation head predicts and fm.impute writes: 'log1p' (log1p of counts per 1e4) or 'normalized'."""
+
+    def __post_init__(self):
+        if self.target_scale not in SCALES:
+            raise ValueError(f"task.target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
 
 
 def _pad(parts: list[np.ndarray], width: int, fill, dtype) -> np.ndarray:
@@ -57,7 +71,7 @@ def _take(genes: np.ndarray, values: np.ndarray, u: np.ndarray, cap: int):
 class ImputationCollator(CellCollator):
     """Rows {gene_ids, counts, conditions, index, library[, panel]} → the cell with its held-out
     genes removed (chosen as at inference: most expressed genes, panel zeros) + the scored genes:
-    target_gene_ids, target_values (log1p-normalised truth), target_weights (B, K).
+    target_gene_ids, labels (log1p-normalised truth), label_weights (B, K).
 
     Held-out genes depend only on (seed, epoch, cell index, gene), like every draw of CellCollator.
     Without a panel (rows lacking `panel`) only expressed genes can be held out and scored.
@@ -98,8 +112,8 @@ class ImputationCollator(CellCollator):
         width = max(max(len(g) for g in genes_out), 1)
         width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch["target_gene_ids"] = torch.from_numpy(_pad(genes_out, width, self.pad_token_id, np.int64))
-        batch["target_values"] = torch.from_numpy(_pad(values_out, width, 0.0, np.float32))
-        batch["target_weights"] = torch.from_numpy(_pad(weights_out, width, 0.0, np.float32))
+        batch["labels"] = torch.from_numpy(_pad(values_out, width, 0.0, np.float32))
+        batch["label_weights"] = torch.from_numpy(_pad(weights_out, width, 0.0, np.float32))
         return batch
 
 
@@ -116,15 +130,15 @@ def library_sizes(adata, layer: str | None = None, chunk_size: int = 4096) -> np
                            for lo in range(0, adata.n_obs, chunk_size)] or [np.zeros(0)])
 
 
-def build_imputer(cfg: RunConfig) -> ScFMForExpressionImputation:
+def build_imputer(cfg: RunConfig) -> ScFMForImputation:
     """Backbone from model.init_from, a new imputation head (query/W from the pretraining mvc_head when
     there is one); fm.impute's default scale (task.target_scale) and the target sum saved in config.json."""
-    model = load_head(ScFMForExpressionImputation, cfg, target_scale=cfg.task.target_scale, target_sum=TARGET_SUM)
+    model = load_head(ScFMForImputation, cfg, target_scale=cfg.task.target_scale, target_sum=TARGET_SUM)
     init_query_from_mvc(model, cfg.model.init_from)
     return model
 
 
-def init_query_from_mvc(model: ScFMForExpressionImputation, directory: str | Path) -> bool:
+def init_query_from_mvc(model: ScFMForImputation, directory: str | Path) -> bool:
     """Copy the pretraining mvc_head's query and W (same shapes, same role: gene query · cell; W times
     √D for the head's 1/√D) into the new head, so fine-tuning starts from a decoder that already
     reads the cell embedding (pbmc3k MCV MSE 0.66 vs 0.70 from scratch, 150 steps). Skipped (False)
@@ -190,12 +204,10 @@ def impute(adata, model, scale: str | None = None, key: str = "fm_imputed", batc
     only at the end. Memory: the layer is dense, n_obs × n_vars × 4 bytes (100k cells × 20k genes =
     8 GB), about twice that at the peak when some genes are outside the vocabulary.
     """
-    from fm.api import _device, _run_batched
-
     if not isinstance(getattr(model, "impute_head", None), torch.nn.Module):
         raise ValueError(f"{type(model).__name__} has no imputation head: load a model fine-tuned for imputation "
                          "(fm finetune recipes/finetune/imputation.yaml model.init_from=<pretrained model> …)")
-    scale = scale or getattr(model.config, "target_scale", "log1p")
+    scale = scale or model.config.target_scale
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES} (or None for the model's default), got {scale!r}")
     tokenizer: CellTokenizer | None = getattr(model, "cell_tokenizer", None)
@@ -207,18 +219,19 @@ def impute(adata, model, scale: str | None = None, key: str = "fm_imputed", batc
         raise ValueError(f"none of the {adata.n_vars} genes of adata is in the model's vocabulary (e.g. "
                          f"{list(adata.var_names[:5])}); nothing can be imputed. Point the tokenizer's gene_key at "
                          "a var column of gene symbols or Ensembl IDs")
-    target_sum = float(getattr(model.config, "target_sum", TARGET_SUM))
+    target_sum = float(model.config.target_sum)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        keys, bias = model.gene_keys(torch.as_tensor(ids[known], dtype=torch.long, device=_device(model)))
+        keys, bias = model.gene_keys(torch.as_tensor(ids[known], dtype=torch.long, device=model_device(model)))
         keys, bias = keys.float(), bias.float()
     model.train(was_training)
 
     def predict(m, batch):
         return torch.addmm(bias, m.scfm(**batch).cell_embedding.float(), keys.T).clamp_(min=0)
 
-    pred, _ = _run_batched(adata, model, predict, int(known.sum()), batch_size, chunk_size, progress, False, "impute")
+    pred, _ = run_batched(adata, model, predict, width=int(known.sum()), batch_size=batch_size, chunk_size=chunk_size,
+                          progress=progress, desc="impute")
     if known.all():
         out = pred
     else:
@@ -234,5 +247,5 @@ def impute(adata, model, scale: str | None = None, key: str = "fm_imputed", batc
     return out
 
 
-__all__ = ["ImputationCollator", "SCALES", "TARGET_SUM", "build_imputer", "impute", "init_query_from_mvc",
+__all__ = ["ImputationCollator", "ImputationConfig", "SCALES", "TARGET_SUM", "build_imputer", "impute", "init_query_from_mvc",
            "library_sizes", "run"]

@@ -1,5 +1,5 @@
 """Modality prediction, RNA → surface protein (CITE-seq): obsm[task.protein_key] → CLR targets →
-ScFMForProteinPrediction fine-tuned by the one loop → export; fm.predict_protein applies it.
+ScFMForModalityPrediction fine-tuned by the one loop → export; fm.predict_protein applies it.
 
 Targets: per-cell CLR of the ADT counts, exactly as the benchmark (fm/eval/tasks/modality.py imports
 `clr` and `CONTROL_RE` from here): log1p(counts) minus the cell's mean log1p over *all* measured
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from fm.config import RunConfig
+from fm.config import RunConfig, TaskConfig
 from fm.data import LabeledCellCollator
-from fm.heads.protein import ScFMForProteinPrediction
+from fm.heads.modality_prediction import ScFMForModalityPrediction
+from fm.inference import run_batched
 from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
                              load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
@@ -37,6 +39,15 @@ CONTROL_RE = re.compile(r"igg|isotype|control", re.IGNORECASE)
 """ADT names treated as isotype controls: in the CLR mean, never a target."""
 NAMES_UNS_KEY = "protein_names"
 """uns key naming the columns of a protein array stored without names (scvi-tools' convention)."""
+
+
+@dataclass
+class ModalityPredictionConfig(TaskConfig):
+    """task.name=modality_prediction: RNA → surface-protein (CLR) regression."""
+
+    name: str = "modality_prediction"
+    protein_key: str = "protein_counts"
+    """obsm key of the surface-protein (ADT) counts to predict (CLR-normalised per cell)."""
 
 
 def clr(counts: np.ndarray) -> np.ndarray:
@@ -120,7 +131,7 @@ def build_protein_model(names: list[str], controls: list[str], train_targets: np
     if flat:
         log.warning("proteins with a constant CLR over the training cells (predicted as that constant): %s", flat)
     std = np.where(std < 1e-6, 1.0, std)
-    return load_head(ScFMForProteinPrediction, cfg, protein_names=list(names), isotype_controls=list(controls),
+    return load_head(ScFMForModalityPrediction, cfg, protein_names=list(names), isotype_controls=list(controls),
                      protein_mean=[float(v) for v in mean], protein_std=[float(v) for v in std],
                      protein_key=cfg.task.protein_key)
 
@@ -173,18 +184,16 @@ def predict_protein(adata, model, key: str = "fm_protein", batch_size: int = 64,
     (model.config.isotype_controls lists them). Returns the DataFrame. Streams like fm.embed; X is never
     modified; deterministic; adata is written only at the end, so a failure leaves it as it was.
     """
-    from fm.api import _run_batched
-
     if not hasattr(model, "protein_head"):
         raise ValueError(f"{type(model).__name__} has no protein head: load a model fine-tuned for modality "
                          "prediction (fm finetune recipes/finetune/modality_prediction.yaml …)")
     names = [str(n) for n in model.config.protein_names]
-    out, _ = _run_batched(adata, model, lambda m, batch: m(**batch).predictions, len(names), batch_size, chunk_size,
-                          progress, False, "predict_protein")
+    out, _ = run_batched(adata, model, lambda m, batch: m(**batch).predictions, width=len(names), batch_size=batch_size,
+                         chunk_size=chunk_size, progress=progress, desc="predict_protein")
     frame = pd.DataFrame(out, index=pd.Index(adata.obs_names.copy()), columns=names)
     adata.obsm[key] = frame
     return frame
 
 
-__all__ = ["CONTROL_RE", "build_protein_model", "clr", "heldout_pearson", "load_protein_cells", "predict_protein",
+__all__ = ["CONTROL_RE", "ModalityPredictionConfig", "build_protein_model", "clr", "heldout_pearson", "load_protein_cells", "predict_protein",
            "protein_targets", "read_proteins", "run"]

@@ -1,4 +1,4 @@
-"""Cell classification head (annotation): ScFMForCellClassification.
+"""Cell classification head (annotation): ScFMForAnnotation.
 
 The pattern every head in fm/heads/ follows:
 - subclass ScFMPreTrainedModel, hold the backbone as `self.scfm = ScFMModel(config)` (base_model_prefix),
@@ -10,8 +10,12 @@ The pattern every head in fm/heads/ follows:
   `.loss` when labels are given, so the one loop `fm.train.train` trains it unchanged;
 - task metadata lives in the config (transformers conventions: num_labels, id2label, label2id),
   so an exported directory is self-describing and `fm.load` rebuilds it from config.architectures;
-- register the class with the matching Auto class where one exists, and its module in
-  fm/heads/__init__.py HEAD_MODULES (fm.load finds a head by config.architectures[0]).
+- declare every config field the head reads in ScFMConfig (default + one-line comment); never
+  `getattr(config, name, default)`;
+- outputs: `loss`, `logits` for classification, `predictions` for regression/expression; targets
+  come in as `labels`; masks through modeling_scfm.prepare_masks, masked losses via masked_mse;
+- register the class with the matching Auto class where one exists, and name it in the task's
+  fm.tasks.registry entry (fm.load finds a head by config.architectures[0] there).
 """
 from __future__ import annotations
 
@@ -24,14 +28,13 @@ from transformers import AutoModelForSequenceClassification
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
+from fm.heads import IGNORE_INDEX
 from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
 
-IGNORE_INDEX = -100
-"""Label of a cell without a known class: skipped by the loss (PyTorch's cross-entropy default)."""
 
 
 @dataclass
-class ScFMCellClassificationOutput(ModelOutput):
+class ScFMAnnotationOutput(ModelOutput):
     """loss: mean cross-entropy over labelled cells (when labels given); logits (B, num_labels);
     cell_embedding (B, D) from the backbone."""
 
@@ -52,7 +55,7 @@ class ScFMClassificationHead(nn.Module):
 
     def __init__(self, config: ScFMConfig):
         super().__init__()
-        p = getattr(config, "classifier_dropout", None)
+        p = config.classifier_dropout
         self.norm = nn.BatchNorm1d(config.d_model)
         self.dropout = nn.Dropout(config.dropout if p is None else p)
         self.dense = nn.Linear(config.d_model, config.d_model)
@@ -62,7 +65,7 @@ class ScFMClassificationHead(nn.Module):
         return self.out(self.dropout(F.gelu(self.dense(self.dropout(self.norm(cell.float()))))))
 
 
-class ScFMForCellClassification(ScFMPreTrainedModel):
+class ScFMForAnnotation(ScFMPreTrainedModel):
     """Backbone + MLP head on the cell embedding: cell-type annotation (and any per-cell label).
 
     `config.num_labels`, `config.id2label`, `config.label2id` name the classes; labels equal to
@@ -83,7 +86,7 @@ class ScFMForCellClassification(ScFMPreTrainedModel):
         condition_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> ScFMCellClassificationOutput | tuple:
+    ) -> ScFMAnnotationOutput | tuple:
         """labels: (B,) long class index per cell, IGNORE_INDEX for unlabelled cells."""
         out = self.scfm(gene_ids, values, attention_mask, condition_ids)
         logits = self.classifier_head(out.cell_embedding)
@@ -94,16 +97,16 @@ class ScFMForCellClassification(ScFMPreTrainedModel):
                 loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
             else:  # a batch of unlabelled cells: zero loss, still in the graph
                 loss = logits.float().sum() * 0.0
-        result = ScFMCellClassificationOutput(loss=loss, logits=logits, cell_embedding=out.cell_embedding)
+        result = ScFMAnnotationOutput(loss=loss, logits=logits, cell_embedding=out.cell_embedding)
         return result if return_dict else result.to_tuple()
 
 
 def register_head_auto_classes() -> None:
-    """AutoModelForSequenceClassification resolves model_type "scfm" to ScFMForCellClassification."""
-    AutoModelForSequenceClassification.register(ScFMConfig, ScFMForCellClassification, exist_ok=True)
+    """AutoModelForSequenceClassification resolves model_type "scfm" to ScFMForAnnotation."""
+    AutoModelForSequenceClassification.register(ScFMConfig, ScFMForAnnotation, exist_ok=True)
 
 
 register_head_auto_classes()
 
-__all__ = ["IGNORE_INDEX", "ScFMCellClassificationOutput", "ScFMClassificationHead",
-           "ScFMForCellClassification", "register_head_auto_classes"]
+__all__ = ["IGNORE_INDEX", "ScFMAnnotationOutput", "ScFMClassificationHead",
+           "ScFMForAnnotation", "register_head_auto_classes"]

@@ -1,4 +1,4 @@
-"""Spatial niche head (NCEM-style cell–cell communication): ScFMForNicheExpression.
+"""Spatial niche head (NCEM-style cell–cell communication): ScFMForCCI.
 
 A receiver cell's expression is predicted from WHO is around it, never from its own measurement:
   prediction(receiver) = base[type] + MLP([type embedding, niche embedding, niche composition])
@@ -14,7 +14,7 @@ so the model would copy them and attribute nothing to the niche.
 
 Sender→receiver effects come from ablation: the prediction with the full niche minus the
 prediction with every sender of one type removed (fm.tasks.cci). `config.niche_genes` names the
-predicted genes (the columns of `prediction`), `config.id2label` the cell types.
+predicted genes (the columns of `predictions`), `config.id2label` the cell types.
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
 
 
 @dataclass
-class ScFMNicheExpressionOutput(ModelOutput):
-    """loss: mean squared error over genes and receivers (when labels given); prediction (B, G):
+class ScFMCCIOutput(ModelOutput):
+    """loss: mean squared error over genes and receivers (when labels given); predictions (B, G):
     log1p(counts/1e4) of config.niche_genes; niche_embedding (B, D): the niche pseudobulk's embedding."""
 
     loss: torch.FloatTensor | None = None
-    prediction: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
     niche_embedding: torch.FloatTensor | None = None
 
 
@@ -58,13 +58,13 @@ class ScFMNicheHead(nn.Module):
         return self.base(receiver_types) + self.out(self.dropout(F.gelu(self.dense(self.dropout(x)))))
 
 
-class ScFMForNicheExpression(ScFMPreTrainedModel):
+class ScFMForCCI(ScFMPreTrainedModel):
     """Backbone on the niche pseudobulk + ScFMNicheHead: a receiver's expression from its spatial niche."""
 
     def __init__(self, config: ScFMConfig):
         super().__init__(config)
-        if not getattr(config, "niche_genes", None) or config.num_labels < 1:
-            raise ValueError("ScFMForNicheExpression needs config.niche_genes (predicted genes) and id2label "
+        if not config.niche_genes or config.num_labels < 1:
+            raise ValueError("ScFMForCCI needs config.niche_genes (predicted genes) and id2label "
                              "(cell types); fine-tune one with `fm finetune recipes/finetune/cci.yaml`")
         self.scfm = ScFMModel(config)
         self.niche_head = ScFMNicheHead(config)
@@ -80,18 +80,18 @@ class ScFMForNicheExpression(ScFMPreTrainedModel):
         niche_composition: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> ScFMNicheExpressionOutput | tuple:
+    ) -> ScFMCCIOutput | tuple:
         """gene_ids/values/attention_mask: tokens of each receiver's niche pseudobulk; receiver_types (B,)
         long; niche_composition (B, T) float; labels (B, G) float: the receivers' log-normalised expression."""
         if receiver_types is None or niche_composition is None:
-            raise ValueError("ScFMForNicheExpression.forward needs receiver_types and niche_composition")
+            raise ValueError("ScFMForCCI.forward needs receiver_types and niche_composition")
         niche = self.scfm(gene_ids, values, attention_mask, condition_ids).cell_embedding
-        prediction = self.niche_head(niche, receiver_types.long(), niche_composition.to(niche.dtype))
+        predictions = self.niche_head(niche, receiver_types.long(), niche_composition.to(niche.dtype))
         loss = None
         if labels is not None:
-            loss = F.mse_loss(prediction.float(), labels.to(prediction.device).float())
-        result = ScFMNicheExpressionOutput(loss=loss, prediction=prediction, niche_embedding=niche)
+            loss = F.mse_loss(predictions.float(), labels.to(predictions.device).float())
+        result = ScFMCCIOutput(loss=loss, predictions=predictions, niche_embedding=niche)
         return result if return_dict else result.to_tuple()
 
 
-__all__ = ["ScFMForNicheExpression", "ScFMNicheExpressionOutput", "ScFMNicheHead"]
+__all__ = ["ScFMForCCI", "ScFMCCIOutput", "ScFMNicheHead"]

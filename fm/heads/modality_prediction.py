@@ -1,4 +1,4 @@
-"""Surface-protein prediction head (modality prediction, RNA → protein): ScFMForProteinPrediction.
+"""Surface-protein prediction head (modality prediction, RNA → protein): ScFMForModalityPrediction.
 
 Targets are per-cell CLR values of ADT counts (fm.tasks.modality_prediction.clr). The head regresses
 them *standardised per protein* (z = (clr - mean) / std, the train cells' mean and std kept in the
@@ -27,11 +27,11 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel, prepare_masks
 
 
 @dataclass
-class ScFMProteinPredictionOutput(ModelOutput):
+class ScFMModalityPredictionOutput(ModelOutput):
     """loss: MSE over cells × proteins of the standardised CLR (when labels given); predictions (B, P)
     on the CLR scale; cell_embedding (B, D) from the backbone."""
 
@@ -57,12 +57,12 @@ class ScFMProteinHead(nn.Module):
         return self.out(self.dropout(F.gelu(self.dense(self.dropout(x)))))
 
 
-class ScFMForProteinPrediction(ScFMPreTrainedModel):
+class ScFMForModalityPrediction(ScFMPreTrainedModel):
     """Backbone + MLP regression head: each cell's CLR surface-protein levels from its RNA."""
 
     def __init__(self, config: ScFMConfig):
-        if not getattr(config, "protein_names", None):
-            raise ValueError("ScFMForProteinPrediction needs config.protein_names (the proteins to predict); "
+        if not config.protein_names:
+            raise ValueError("ScFMForModalityPrediction needs config.protein_names (the proteins to predict); "
                              "fine-tune with `fm finetune recipes/finetune/modality_prediction.yaml`, or set "
                              "config.protein_names and pass config= to from_pretrained")
         super().__init__(config)
@@ -74,8 +74,8 @@ class ScFMForProteinPrediction(ScFMPreTrainedModel):
         """Per-protein (mean, std) of the CLR targets as tensors on `like`'s device (config lists;
         not buffers, so the checkpoint's weights hold no copy that could disagree with config.json)."""
         n = len(self.config.protein_names)
-        mean = getattr(self.config, "protein_mean", None) or [0.0] * n
-        std = getattr(self.config, "protein_std", None) or [1.0] * n
+        mean = self.config.protein_mean or [0.0] * n
+        std = self.config.protein_std or [1.0] * n
         return (torch.as_tensor(mean, dtype=torch.float32, device=like.device),
                 torch.as_tensor(std, dtype=torch.float32, device=like.device))
 
@@ -87,18 +87,17 @@ class ScFMForProteinPrediction(ScFMPreTrainedModel):
         condition_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> ScFMProteinPredictionOutput | tuple:
+    ) -> ScFMModalityPredictionOutput | tuple:
         """labels: (B, P) float CLR targets in config.protein_names order."""
-        if attention_mask is None:
-            attention_mask = gene_ids != self.config.pad_token_id
+        attention_mask, _ = prepare_masks(self.config, gene_ids, values, attention_mask)
         out = self.scfm(gene_ids, values, attention_mask, condition_ids)
         z = self.protein_head(out.cell_embedding, out.gene_hidden_states, attention_mask).float()
         mean, std = self._scale(z)
         loss = None
         if labels is not None:
             loss = F.mse_loss(z, (labels.to(z.device).float() - mean) / std)
-        result = ScFMProteinPredictionOutput(loss=loss, predictions=z * std + mean, cell_embedding=out.cell_embedding)
+        result = ScFMModalityPredictionOutput(loss=loss, predictions=z * std + mean, cell_embedding=out.cell_embedding)
         return result if return_dict else result.to_tuple()
 
 
-__all__ = ["ScFMForProteinPrediction", "ScFMProteinHead", "ScFMProteinPredictionOutput"]
+__all__ = ["ScFMForModalityPrediction", "ScFMProteinHead", "ScFMModalityPredictionOutput"]

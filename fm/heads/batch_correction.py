@@ -1,4 +1,4 @@
-"""Batch-integration head: ScFMForBatchIntegration (scGPT's integration objective on the scfm backbone).
+"""Batch-integration head: ScFMForBatchCorrection (scGPT's integration objective on the scfm backbone).
 
 The cell embedding should keep cell state and lose the batch. The objective is scGPT's:
 - reconstruction: masked expression from each gene's hidden state (GEP) and from the cell
@@ -38,8 +38,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.heads.classification import IGNORE_INDEX
-from fm.modeling_scfm import ScFMModel, ScFMMVCHead, ScFMPreTrainedModel, _masked_mse
+from fm.heads import IGNORE_INDEX
+from fm.modeling_scfm import (ScFMExpressionHead, ScFMModel, ScFMMVCHead, ScFMPreTrainedModel, masked_mse,
+                              prepare_masks)
 
 
 def ecs_loss(cell: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -61,7 +62,7 @@ def ecs_loss(cell: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 @dataclass
-class ScFMBatchIntegrationOutput(ModelOutput):
+class ScFMBatchCorrectionOutput(ModelOutput):
     """loss = gep_loss + mvc_loss + dar_weight·(dar_loss + confusion_loss) + ecs_weight·ecs_loss
     (with labels); batch_logits (B, num_batches) of the discriminator; cell_embedding (B, D): the
     integrated representation fm.integrate writes."""
@@ -131,21 +132,21 @@ def adversarial_losses(head: nn.Module, cell: torch.Tensor, batch_labels: torch.
     return logits, dar, confusion
 
 
-class ScFMForBatchIntegration(ScFMPreTrainedModel):
+class ScFMForBatchCorrection(ScFMPreTrainedModel):
     """Backbone + GEP/MVC reconstruction + adversarial batch discriminator + ECS (see module doc).
 
-    Config fields (set by fm.tasks.batch_correction): batch_key (obs column, one of
-    condition_keys), num_batches, dar_weight, ecs_weight, ecs_threshold.
+    Config fields (ScFMConfig, set by fm.tasks.batch_correction): batch_key (obs column, one of
+    condition_keys), num_batches, adversary, dar_weight, ecs_weight, ecs_threshold.
     """
 
     def __init__(self, config: ScFMConfig):
         super().__init__(config)
-        if getattr(config, "batch_key", None) not in config.condition_keys:
-            raise ValueError(f"config.batch_key={getattr(config, 'batch_key', None)!r} must be one of "
-                             f"config.condition_keys {config.condition_keys}")
+        if config.batch_key not in config.condition_keys or config.num_batches < 1:
+            raise ValueError(f"config.batch_key={config.batch_key!r} must be one of config.condition_keys "
+                             f"{config.condition_keys} and config.num_batches >= 1 (got {config.num_batches}); "
+                             "fine-tune with `fm finetune recipes/finetune/batch_correction.yaml`")
         self.scfm = ScFMModel(config)
-        self.gep_head = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
-                                      nn.Linear(config.d_model, 1))
+        self.gep_head = ScFMExpressionHead(config)
         self.mvc_head = ScFMMVCHead(config) if config.mvc else None
         # row 0 (unknown batch) is the padding row: zero, never trained → no offset
         self.mvc_batch_head = nn.Embedding(config.num_batches + 1, config.d_model, padding_idx=0) if config.mvc else None
@@ -162,38 +163,33 @@ class ScFMForBatchIntegration(ScFMPreTrainedModel):
         labels: torch.Tensor | None = None,
         batch_labels: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> ScFMBatchIntegrationOutput | tuple:
+    ) -> ScFMBatchCorrectionOutput | tuple:
         """labels: (B, L) true bins (masked positions are scored); batch_labels: (B,) long batch
         index, IGNORE_INDEX where unknown. The loss needs labels; DAR and the MVC batch offset
         need batch_labels."""
-        if attention_mask is None:
-            attention_mask = gene_ids != self.config.pad_token_id
-        attention_mask = attention_mask.bool()
-        if masked_positions is None:
-            masked_positions = values == self.config.mask_value_id
-        masked_positions = masked_positions.bool() & attention_mask
-
+        attention_mask, masked_positions = prepare_masks(self.config, gene_ids, values, attention_mask,
+                                                         masked_positions)
         out = self.scfm(gene_ids, values, attention_mask, condition_ids, masked_positions)
         cell = out.cell_embedding
-        result = ScFMBatchIntegrationOutput(cell_embedding=cell)
+        result = ScFMBatchCorrectionOutput(cell_embedding=cell)
         if labels is None:
             result.batch_logits = self.dar_head(cell)
             return result if return_dict else result.to_tuple()
 
         known = None if batch_labels is None else batch_labels.to(cell.device).long()
         target = labels.to(cell.dtype) / (self.config.n_bins - 1)
-        expression = self.gep_head(out.gene_hidden_states).squeeze(-1)  # (B, L)
-        result.gep_loss = loss = _masked_mse(expression, target, masked_positions)
+        expression = self.gep_head(out.gene_hidden_states)  # (B, L)
+        result.gep_loss = loss = masked_mse(expression, target, masked_positions)
         if self.mvc_head is not None:
             decoder_cell = cell
             if known is not None:
                 decoder_cell = cell + self.mvc_batch_head((known + 1).clamp(min=0))
             mvc = self.mvc_head(self.scfm.embeddings.gene(gene_ids), decoder_cell)
-            result.mvc_loss = _masked_mse(mvc, target, masked_positions)
+            result.mvc_loss = masked_mse(mvc, target, masked_positions)
             loss = loss + result.mvc_loss
         if known is not None:
             result.batch_logits, result.dar_loss, result.confusion_loss = adversarial_losses(
-                self.dar_head, cell, known, getattr(self.config, "adversary", "confusion"))
+                self.dar_head, cell, known, self.config.adversary)
             loss = loss + self.config.dar_weight * (result.dar_loss + result.confusion_loss)
         else:
             result.batch_logits = self.dar_head(cell)
@@ -202,5 +198,5 @@ class ScFMForBatchIntegration(ScFMPreTrainedModel):
         return result if return_dict else result.to_tuple()
 
 
-__all__ = ["ScFMBatchIntegrationOutput", "ScFMDiscriminatorHead", "ScFMForBatchIntegration", "adversarial_losses",
+__all__ = ["ScFMBatchCorrectionOutput", "ScFMDiscriminatorHead", "ScFMForBatchCorrection", "adversarial_losses",
            "ecs_loss"]

@@ -1,0 +1,116 @@
+"""The streaming inference engine every public function (fm.embed, fm.annotate, fm.impute, …) runs on,
+and the one writer of per-cell label outputs.
+
+`run_batched` reads X in row chunks (backed AnnData works), tokenises with the model's own
+tokenizer, chooses genes as at inference (deterministic: a cell's most expressed genes, its zero
+genes from a hash of the cell, never from a training seed), runs `fn` on each padded batch in eval
+mode, and restores the mode after. Memory grows with the output only.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+UNKNOWN = "unknown"
+"""Label a cell gets when its top class score is below the threshold."""
+
+
+def backbone(model):
+    """The ScFMModel inside any ScFMFor<Task> (or the model itself when it is the backbone)."""
+    return getattr(model, model.base_model_prefix, model)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def inference_collator(model):
+    """The collator a model is used with at inference, built from its own config."""
+    from fm.data.collator import CellCollator
+
+    config = model.config
+    return CellCollator(n_bins=config.n_bins, max_genes=config.max_genes, train=False,
+                        pad_token_id=config.pad_token_id, zero_fraction=config.zero_fraction)
+
+
+def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, width: int, batch_size: int = 64,
+                chunk_size: int = 4096, progress: bool = False, drop_empty: bool = False,
+                desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Stream `adata` through `model`: `fn(model, batch)` → (B, width) tensor per batch.
+
+    Returns (out (n_obs, width) float32, kept (n_obs,) bool). drop_empty: cells without any
+    vocabulary gene are skipped instead of being an error; their rows stay 0 and kept False.
+    """
+    tokenizer = getattr(model, "cell_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("model has no cell_tokenizer: load it with fm.load(directory)")
+    collator = inference_collator(model)
+    out = np.zeros((adata.n_obs, width), dtype=np.float32)
+    keep = np.zeros(adata.n_obs, dtype=bool)
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    bar = tqdm(total=adata.n_obs, disable=not progress, desc=desc)
+    name_to_row = None
+    try:
+        with torch.inference_mode():
+            for part in tokenizer.iter_encoded(adata, chunk_size=chunk_size, drop_empty=drop_empty):
+                rows = np.arange(len(part))
+                if drop_empty:  # dropped cells leave holes: locate the survivors by name
+                    name_to_row = name_to_row if name_to_row is not None else {n: i for i, n in enumerate(adata.obs_names)}
+                    rows = np.array([name_to_row[n] for n in part.obs_names])
+                else:
+                    rows = rows + int(keep.sum())
+                for lo in range(0, len(part), batch_size):
+                    batch = collator([part[i] for i in range(lo, min(lo + batch_size, len(part)))])
+                    result = fn(model, {k: v.to(device) for k, v in batch.items()})
+                    out[rows[lo:lo + len(result)]] = result.float().cpu().numpy()
+                keep[rows] = True
+                bar.update(len(part))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out, keep
+
+
+def cell_embeddings(adata, model, *, batch_size: int = 64, chunk_size: int = 4096, progress: bool = False,
+                    drop_empty: bool = False, desc: str = "embed") -> np.ndarray:
+    """The backbone's cell embedding of every cell (n_obs, d_model) float32; NaN rows for cells dropped
+    by `drop_empty`. Writes nothing."""
+    encoder = backbone(model)
+    out, keep = run_batched(adata, model, lambda m, batch: encoder(**batch).cell_embedding, width=model.config.d_model,
+                            batch_size=batch_size, chunk_size=chunk_size, progress=progress, drop_empty=drop_empty,
+                            desc=desc)
+    if drop_empty and not keep.all():
+        out[~keep] = np.nan
+    return out
+
+
+def write_labels(adata, key: str, probabilities: np.ndarray, classes: list[str], threshold: float = 0.0) -> np.ndarray:
+    """Write a per-cell classification into `adata` (the fields every label-producing function shares):
+
+      obs[key]                     top class name, "unknown" where its score < threshold (categorical)
+      obs[key + "_confidence"]     top class score (float32)
+      obsm[key + "_probabilities"] cells × classes scores (float32)
+      uns[key + "_classes"]        class names, the column order of the scores
+    Returns the labels (object array).
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    best = probabilities.argmax(axis=1)
+    confidence = probabilities[np.arange(len(probabilities)), best].astype(np.float32)
+    labels = np.asarray(classes, dtype=object)[best]
+    labels[confidence < threshold] = UNKNOWN
+    adata.obs[key] = pd.Categorical(labels, categories=list(classes) + ([UNKNOWN] if UNKNOWN not in classes else []))
+    adata.obs[key + "_confidence"] = confidence
+    adata.obsm[key + "_probabilities"] = probabilities
+    adata.uns[key + "_classes"] = np.asarray(classes, dtype=object)
+    return labels
+
+
+__all__ = ["UNKNOWN", "backbone", "cell_embeddings", "inference_collator", "model_device", "run_batched",
+           "write_labels"]
