@@ -9,11 +9,12 @@ TASKS: dict[str, str] = {
     "annotation": "fm.eval.tasks.annotation",
     "batch_correction": "fm.eval.tasks.batch_correction",
     "imputation": "fm.eval.tasks.imputation",
-    "modality_prediction": "fm.eval.tasks.modality",
+    "modality_prediction": "fm.eval.tasks.modality_prediction",
     "cci": "fm.eval.tasks.cci",
 }
 
-REQUIRED_ATTRS = ("MAIN_METRIC", "HIGHER_IS_BETTER", "CONTROLS", "run")
+REQUIRED_ATTRS = ("MAIN_METRIC", "HIGHER_IS_BETTER", "CONTROLS", "DATASET_KEYS", "METHODS", "prepare", "score")
+"""What fm.eval.harness.run_task calls or reads; `finalize` and `REPORT_PLOTS` are optional."""
 
 
 def get_task(name: str) -> ModuleType:

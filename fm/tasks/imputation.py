@@ -25,6 +25,7 @@ import torch
 from fm.config import RunConfig
 from fm.data.collator import CellCollator, hashed_uniform
 from fm.heads.imputation import ScFMForExpressionImputation
+from fm.preprocessing import TARGET_SUM
 from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
                              load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
@@ -32,8 +33,6 @@ from fm.train import TrainResult
 
 log = logging.getLogger("fm")
 
-TARGET_SUM = 1e4
-"""Counts per cell after normalisation (scanpy's normalize_total default used across the project)."""
 SCALES = ("log1p", "normalized")
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 from fm.config import RunConfig
 from fm.data import LabeledCellCollator
 from fm.heads.protein import ScFMForProteinPrediction
+from fm.preprocessing import clr
 from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
                              load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
@@ -37,12 +38,6 @@ CONTROL_RE = re.compile(r"igg|isotype|control", re.IGNORECASE)
 """ADT names treated as isotype controls: in the CLR mean, never a target."""
 NAMES_UNS_KEY = "protein_names"
 """uns key naming the columns of a protein array stored without names (scvi-tools' convention)."""
-
-
-def clr(counts: np.ndarray) -> np.ndarray:
-    """Per-cell CLR: log1p(x) minus the cell's mean log1p (Seurat CLR margin=1, muon prot.pp.clr)."""
-    logged = np.log1p(np.asarray(counts, dtype=np.float64))
-    return logged - logged.mean(axis=1, keepdims=True)
 
 
 def read_proteins(adata, key: str, source: str) -> tuple[np.ndarray, list[str]]:
