@@ -262,11 +262,11 @@ def test_harness_fm_finetune_on_ensembl_ids(tiny_model_dir, tmp_path, real_cellb
     import yaml
 
     from fm.eval.context import EvalContext
-    from fm.eval.tasks.batch_correction import _fm_finetune
+    from fm.eval.tasks.batch_correction import integrate_finetuned
 
     caps = {"finetune": {"train.max_steps": 2, "train.batch_size": 16, "data.max_genes": 64}}
     ctx = EvalContext(output_dir=tmp_path, profile="ci", models=[tiny_model_dir], data_dir=tmp_path, caps=caps)
-    emb = _fm_finetune(real_cellbench, "batch", tiny_model_dir, "cellbench", 0, ctx)
+    emb = integrate_finetuned(real_cellbench, "batch", tiny_model_dir, "cellbench", 0, ctx)
     assert emb.shape == (real_cellbench.n_obs, 32) and np.isfinite(emb).all() and emb.std(0).max() > 0
     assert "(100.0%, human)" in caplog.text or "genes in the vocabulary (9" in caplog.text, "Ensembl IDs match"
     run = tmp_path / "finetune" / f"batch_correction_cellbench_seed0_{ctx.model_label(tiny_model_dir)}"

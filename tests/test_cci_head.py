@@ -191,7 +191,8 @@ def test_bad_groups(tiny_model_dir, spatial):
 def test_harness_fm_rows(niche_dir, tiny_model_dir, spatial, tmp_path):
     """The cci task's fm methods on a spatial split: fm_niche fine-tunes on the train region only."""
     from fm.eval.context import EvalContext
-    from fm.eval.tasks.cci import run as run_task
+    from fm.eval.harness import run_task
+    from fm.eval.tasks import cci
 
     (tmp_path / "h5ad").mkdir()
     (tmp_path / "lr").mkdir()
@@ -203,7 +204,7 @@ def test_harness_fm_rows(niche_dir, tiny_model_dir, spatial, tmp_path):
                           "train.max_steps": 2, "train.batch_size": 16, "data.max_genes": 32, "data.val_fraction": 0.0}})
     dataset = {"name": "toy", "file": "h5ad/toy.h5ad", "label_key": "celltype", "spatial_key": "spatial",
                "resource": "toy", "n_neighbors": 4, "min_edges": 2, "split": {"kind": "spatial", "axis": 0}}
-    rows = pd.DataFrame(run_task(dataset, ["random", "fm_denoised", "fm_niche"], 0, ctx))
+    rows = pd.DataFrame(run_task(cci, dataset, ["random", "fm_denoised", "fm_niche"], 0, ctx))
     label = ctx.model_label(tiny_model_dir)
     assert {f"fm_denoised[{label}]", f"fm_niche[{label}]", "random"} == set(rows["method"])
     assert "auroc_niche_effect" in set(rows[rows.method == f"fm_niche[{label}]"]["metric"])

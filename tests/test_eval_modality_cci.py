@@ -26,7 +26,7 @@ def need(*files: str) -> None:
 
 # ---------------------------------------------------------------- modality: definitions
 def test_clr_matches_seurat_margin1():
-    from fm.eval.tasks.modality import clr
+    from fm.preprocessing import clr
 
     counts = np.array([[0, 9, 99], [5, 5, 5]], dtype=float)
     out = clr(counts)
@@ -37,7 +37,7 @@ def test_clr_matches_seurat_margin1():
 
 
 def test_protein_table_names_and_isotype_control():
-    from fm.eval.tasks.modality import CONTROL_RE, metrics, protein_table
+    from fm.eval.tasks.modality_prediction import CONTROL_RE, metrics, protein_table
 
     a = ad.AnnData(np.zeros((3, 2), dtype=np.float32))
     a.uns["eval_file"] = "synthetic"
@@ -80,11 +80,10 @@ def test_spatial_truth_finds_planted_interaction():
 
 
 def test_complex_is_min_over_subunits():
-    from fm.eval.tasks.cci import complex_matrix
+    from fm.tasks.cci_scoring import complex_values
 
-    a = ad.AnnData(np.array([[1.0, 3.0, 2.0], [0.0, 5.0, 4.0]], dtype=np.float32))
-    a.var_names = ["A", "B", "C"]
-    np.testing.assert_allclose(complex_matrix(a, ["A_B", "C", "B_C"]), [[1, 2, 2], [0, 4, 4]])
+    x = np.array([[1.0, 3.0, 2.0], [0.0, 5.0, 4.0]], dtype=np.float32)
+    np.testing.assert_allclose(complex_values(x, ["A", "B", "C"], ["A_B", "C", "B_C"]), [[1, 2, 2], [0, 4, 4]])
 
 
 # ---------------------------------------------------------------- ci profiles end to end

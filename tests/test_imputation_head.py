@@ -170,6 +170,7 @@ def test_impute_bad_input_is_explained(finetuned, tiny_model_dir, pbmc_small):
 def test_harness_fm_finetune_sees_only_the_input_counts(tiny_model_dir, pbmc_path, tmp_path, monkeypatch):
     """The fm row fine-tunes on the masked counts and on the MCV train half — never on held-out counts."""
     from fm.eval.context import EvalContext
+    from fm.eval.harness import run_task
     from fm.eval.tasks import imputation as task
 
     ctx = EvalContext(output_dir=tmp_path, profile="ci", models=[tiny_model_dir], data_dir=pbmc_path.parent.parent,
@@ -184,7 +185,7 @@ def test_harness_fm_finetune_sees_only_the_input_counts(tiny_model_dir, pbmc_pat
 
     monkeypatch.setattr(EvalContext, "fm_finetune", spy)
     dataset = {"name": "pbmc3k", "file": "h5ad/" + pbmc_path.name, "label_key": "cell_type"}
-    rows = task.run(dataset, ["none", "fm_finetune"], 0, ctx)
+    rows = run_task(task, dataset, ["none", "fm_finetune"], 0, ctx)
     label = f"fm_finetune[{ctx.model_label(tiny_model_dir)}]"
     values = {(r["method"], r["metric"]): r["value"] for r in rows}
     assert np.isfinite(values[(label, "mcv_mse")]) and np.isfinite(values[(label, "masked_mse")])

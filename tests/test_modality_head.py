@@ -89,7 +89,7 @@ def test_loss_goes_down(tiny_model_dir, pbmc_small):
 
 def test_clr_is_the_benchmarks_and_keeps_controls_in_the_mean():
     pytest.importorskip("sklearn")
-    from fm.eval.tasks import modality
+    from fm.eval.tasks import modality_prediction as modality
 
     assert modality.clr is clr and modality.CONTROL_RE.pattern == "igg|isotype|control"
     a = ad.AnnData(np.ones((2, 3), dtype=np.float32))

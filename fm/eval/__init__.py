@@ -2,8 +2,10 @@
 cell–cell communication) comparing classical baselines, controls and FM checkpoints.
 
 Layout: registry (task name → module), context (what every task shares: data loading, splits,
-normalisation, FM embeddings), harness (suite YAML → results DataFrame), report (CSV, markdown,
-plots, meta.json), tasks/ (one module per task). Heavy libraries are imported inside functions.
+gene selection, FM embeddings; the normalisation is fm.preprocessing's), harness (suite YAML →
+results DataFrame; the one loop over methods and checkpoints), report (CSV, markdown, plots,
+meta.json), tasks/ (one module per task: prepare, METHODS, score). Heavy libraries are imported
+inside functions.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """What every task shares, so that every method sees the same cells, genes and normalisation.
 
 One place for: reading a suite's dataset (with clear errors naming the file and the column),
-subsampling, fixed splits written as index files (and reused when present), log-normalisation,
-gene selection, and FM embeddings (cached per model and dataset).
+subsampling, fixed splits written as index files (and reused when present), gene selection, and
+FM embeddings (cached per model and dataset). The normalisation itself lives in fm.preprocessing,
+shared with the task heads.
 """
 from __future__ import annotations
 
@@ -17,12 +18,10 @@ import numpy as np
 
 log = logging.getLogger("fm.eval")
 
-TARGET_SUM = 1e4  # counts per cell after normalize_total; CellTypist expects exactly this
-
 
 @dataclass
 class EvalContext:
-    """Run-wide settings handed to every task's `run()`.
+    """Run-wide settings handed to every task's `prepare()` and methods.
 
     caps: profile limits (max_cells, n_hvg, scvi_epochs, …); tasks read them with `cap()`.
     """
@@ -179,18 +178,6 @@ class EvalContext:
                 self._finetuned[key] = fm.finetune(model_dir, train_adata, task=task, output_dir=out,
                                                    overrides=settings)
         return self._finetuned[key]
-
-
-def log_normalise(adata):
-    """normalize_total to 1e4 + log1p on a copy; raw counts kept in layers['counts']. The one
-    normalisation every method of every task sees."""
-    import scanpy as sc
-
-    out = adata.copy()
-    out.layers["counts"] = out.X.copy()
-    sc.pp.normalize_total(out, target_sum=TARGET_SUM)
-    sc.pp.log1p(out)
-    return out
 
 
 def select_genes(adata_log, n_top: int | None, cells=None, batch_key: str | None = None) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""Suite YAML → results: validate the suite, resolve the profile, loop seeds × datasets, hand the
-rows to the report writer.
+"""Suite YAML → results: validate the suite, resolve the profile, loop seeds × datasets, run every
+method of the task module on what its `prepare` shares (FM methods once per --model, every method
+timed), score each output, hand the rows to the report writer.
 
 A suite is strict (unknown keys are errors) because a typo such as `label_kye` would otherwise
 silently evaluate the wrong thing. The format is documented in eval/README.md.
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from fm.eval.context import EvalContext
+from fm.eval.context import EvalContext, timed
 from fm.eval.registry import get_task
 
 log = logging.getLogger("fm.eval")
@@ -49,22 +50,20 @@ def load_suite(path: str | Path) -> dict:
         if key not in suite:
             _fail(path, f"missing required key {key!r}")
     module = get_task(suite["task"])
-    allowed = DATASET_KEYS | set(getattr(module, "DATASET_KEYS", ()))
-    strict = hasattr(module, "DATASET_KEYS")
+    allowed = DATASET_KEYS | set(module.DATASET_KEYS)
     names = []
     for i, entry in enumerate(suite["datasets"]):
         if not isinstance(entry, dict) or "name" not in entry or "file" not in entry:
             _fail(path, f"datasets[{i}] needs at least 'name' and 'file'")
         bad = set(entry) - allowed
-        if strict and bad:
+        if bad:
             _fail(path, f"dataset {entry['name']!r}: unknown keys {sorted(bad)}; allowed: {sorted(allowed)}")
         names.append(entry["name"])
     if len(set(names)) != len(names):
         _fail(path, f"duplicate dataset names in {names}")
-    known_methods = set(getattr(module, "METHODS", {}) or {})
     for m in suite["methods"]:
-        if known_methods and m not in known_methods:
-            _fail(path, f"unknown method {m!r} for task {suite['task']}; known: {sorted(known_methods)}")
+        if m not in module.METHODS:
+            _fail(path, f"unknown method {m!r} for task {suite['task']}; known: {sorted(module.METHODS)}")
     for prof, spec in (suite.get("profiles") or {}).items():
         if prof not in PROFILES:
             _fail(path, f"unknown profile {prof!r}; allowed: {list(PROFILES)}")
@@ -96,6 +95,52 @@ def resolve_profile(suite: dict, profile: str, seeds: list[int] | None = None) -
             "caps": caps}
 
 
+def method_runs(method: str, models: list[Path]) -> list[tuple[str, Path | None]]:
+    """(row name, model_dir) of each run of a method: a baseline once (model_dir None), an FM method
+    once per checkpoint, named `method[<model label>]`."""
+    if not is_fm_method(method):
+        return [(method, None)]
+    return [(f"{method}[{EvalContext.model_label(m)}]", m) for m in models]
+
+
+def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
+    """One dataset × seed of a task module → rows {dataset, method, metric, value, runtime_s}.
+
+    `module.prepare` builds what every method shares (cells, split, genes, truth) once; each method
+    is `METHODS[name](prepared, ctx)`, FM ones `(prepared, ctx, model_dir)`, timed alone (runtime_s),
+    and returns an output that `module.score` turns into metrics, or None to skip itself (it says
+    why). `module.finalize(prepared, outputs)`, where defined, adds metrics that need every method's
+    output at once (agreement between methods, one scib-metrics pass); its rows come last.
+    """
+    prepared = module.prepare(dataset, seed, ctx)
+    finalize = getattr(module, "finalize", None)
+    rows, outputs, runtimes = [], {}, {}
+
+    def add(name, values):
+        rows.extend({"dataset": dataset["name"], "method": name, "metric": metric, "value": float(value),
+                     "runtime_s": runtimes[name]} for metric, value in values.items())
+
+    for method in methods:
+        fn = module.METHODS[method]
+        for name, model_dir in method_runs(method, ctx.models):
+            with timed() as t:
+                output = fn(prepared, ctx) if model_dir is None else fn(prepared, ctx, model_dir)
+            if output is None:
+                continue
+            runtimes[name] = t.seconds
+            values = module.score(prepared, output)
+            add(name, values)
+            main = f", {module.MAIN_METRIC} {values[module.MAIN_METRIC]:.4g}" if module.MAIN_METRIC in values else ""
+            log.info("%s %s %s seed %d%s (%.1f s)", module.__name__.rsplit(".", 1)[-1], dataset["name"], name, seed,
+                     main, t.seconds)
+            if finalize is not None:
+                outputs[name] = output
+    if finalize is not None:
+        for name, values in finalize(prepared, outputs).items():
+            add(name, values)
+    return rows
+
+
 def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval", seeds=None,
               data_dir=None, write: bool = True) -> pd.DataFrame:
     """Run one suite and (by default) write results.csv, results.md, plots and meta.json.
@@ -124,7 +169,7 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
     for dataset in plan["datasets"]:
         for seed in plan["seeds"]:
             log.info("%s: dataset %s, seed %d, methods %s", suite["task"], dataset["name"], seed, methods)
-            for row in module.run(dataset, methods, seed, ctx):
+            for row in run_task(module, dataset, methods, seed, ctx):
                 rows.append({"task": suite["task"], "seed": seed, **row})
     df = pd.DataFrame(rows)
     for col in COLUMNS:

@@ -31,6 +31,7 @@ from fm.config import RunConfig, TaskConfig
 from fm.data import LabeledCellCollator
 from fm.heads.cci import ScFMForCCI
 from fm.inference import backbone as _backbone_of, run_batched
+from fm.preprocessing import TARGET_SUM
 from fm.tasks.cci_scoring import (complex_values, conditional_means, group_codes, group_means, load_resource,
                                   pair_genes, permutation_pvalues, result_frame, usable_pairs)
 from fm.tasks.common import TaskCells, collator_kwargs, load_head, load_task_cells, split_cells, train_task
@@ -56,8 +57,6 @@ class CciConfig(TaskConfig):
         if self.n_neighbors < 1:
             raise ValueError(f"task.n_neighbors must be >= 1, got {self.n_neighbors}")
 
-TARGET_SUM = 1e4
-"""Targets are log1p(counts / cell total · 1e4), the harness's normalisation."""
 
 
 # ---------------------------------------------------------------- spatial niches

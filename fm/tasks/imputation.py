@@ -26,6 +26,7 @@ from fm.config import RunConfig, TaskConfig
 from fm.data.collator import CellCollator, hashed_uniform
 from fm.heads.imputation import ScFMForImputation
 from fm.inference import model_device, run_batched
+from fm.preprocessing import TARGET_SUM
 from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
                              load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
@@ -33,8 +34,6 @@ from fm.train import TrainResult
 
 log = logging.getLogger("fm")
 
-TARGET_SUM = 1e4
-"""Counts per cell after normalisation (scanpy's normalize_total default used across the project)."""
 SCALES = ("log1p", "normalized")
 
 

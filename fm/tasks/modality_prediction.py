@@ -1,8 +1,8 @@
 """Modality prediction, RNA → surface protein (CITE-seq): obsm[task.protein_key] → CLR targets →
 ScFMForModalityPrediction fine-tuned by the one loop → export; fm.predict_protein applies it.
 
-Targets: per-cell CLR of the ADT counts, exactly as the benchmark (fm/eval/tasks/modality.py imports
-`clr` and `CONTROL_RE` from here): log1p(counts) minus the cell's mean log1p over *all* measured
+Targets: per-cell CLR of the ADT counts, exactly as the benchmark (fm/eval/tasks/modality_prediction.py;
+both use fm.preprocessing.clr, and it imports `CONTROL_RE` from here): log1p(counts) minus the cell's mean log1p over *all* measured
 ADTs (Seurat CLR margin 1, muon `prot.pp.clr`). Isotype controls (names matching IgG/isotype/control)
 enter that mean but are never a target: they measure background, not a protein of the cell.
 
@@ -28,6 +28,7 @@ from fm.config import RunConfig, TaskConfig
 from fm.data import LabeledCellCollator
 from fm.heads.modality_prediction import ScFMForModalityPrediction
 from fm.inference import run_batched
+from fm.preprocessing import clr
 from fm.tasks.common import (TaskCells, collator_kwargs, concat_targets, encode_with_targets, load_head,
                              load_task_cells, split_cells, train_task)
 from fm.tokenizer import CellTokenizer
@@ -48,12 +49,6 @@ class ModalityPredictionConfig(TaskConfig):
     name: str = "modality_prediction"
     protein_key: str = "protein_counts"
     """obsm key of the surface-protein (ADT) counts to predict (CLR-normalised per cell)."""
-
-
-def clr(counts: np.ndarray) -> np.ndarray:
-    """Per-cell CLR: log1p(x) minus the cell's mean log1p (Seurat CLR margin=1, muon prot.pp.clr)."""
-    logged = np.log1p(np.asarray(counts, dtype=np.float64))
-    return logged - logged.mean(axis=1, keepdims=True)
 
 
 def read_proteins(adata, key: str, source: str) -> tuple[np.ndarray, list[str]]:

@@ -1,2 +1,3 @@
-"""One module per task; each defines MAIN_METRIC, HIGHER_IS_BETTER, CONTROLS, METHODS and
-`run(dataset, methods, seed, ctx) -> list[dict]` (see fm/eval/registry.py and eval/README.md)."""
+"""One module per task; each defines MAIN_METRIC, HIGHER_IS_BETTER, CONTROLS, DATASET_KEYS,
+METHODS (name → function), `prepare(dataset, seed, ctx)`, `score(prepared, output)` and optionally
+`finalize(prepared, outputs)`; the harness runs them (fm/eval/harness.py `run_task`, eval/README.md)."""

@@ -9,13 +9,12 @@ only (recipes/finetune/annotation.yaml + caps.finetune) and predicts the test ce
 """
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 
 import numpy as np
 
-from fm.eval.context import EvalContext, dense, log_normalise, select_genes, timed
-
-log = logging.getLogger("fm.eval")
+from fm.eval.context import EvalContext, dense, select_genes
+from fm.preprocessing import log_normalise
 
 MAIN_METRIC = "macro_f1"
 HIGHER_IS_BETTER = True
@@ -23,62 +22,21 @@ CONTROLS = ["majority"]
 DATASET_KEYS = {"n_hvg"}
 
 
-def _majority(xtr, ytr, xte, seed, ctx, **_):
-    from sklearn.dummy import DummyClassifier
+@dataclass
+class Prepared:
+    """What every method of one dataset × seed sees."""
 
-    return DummyClassifier(strategy="most_frequent").fit(xtr, ytr).predict(xte)
-
-
-def _logreg(xtr, ytr, xte, seed, ctx, scale=False, **_):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    steps = [StandardScaler()] if scale else []
-    clf = make_pipeline(*steps, LogisticRegression(max_iter=int(ctx.cap("logreg_max_iter", 500)), random_state=seed))
-    return clf.fit(xtr, ytr).predict(xte)
-
-
-def _knn(xtr, ytr, xte, seed, ctx, **_):
-    from sklearn.neighbors import KNeighborsClassifier
-
-    return KNeighborsClassifier(n_neighbors=int(ctx.cap("knn_k", 15))).fit(xtr, ytr).predict(xte)
-
-
-def _knn_pca(xtr, ytr, xte, seed, ctx, **_):
-    """PCA fitted on the train cells only, test cells projected."""
-    from sklearn.decomposition import PCA
-
-    pca = PCA(n_components=min(50, xtr.shape[1], xtr.shape[0] - 1), random_state=seed).fit(xtr)
-    return _knn(pca.transform(xtr), ytr, pca.transform(xte), seed, ctx)
-
-
-def _celltypist(xtr, ytr, xte, seed, ctx, genes=None, test_full=None, **_):
-    """CellTypist in SGD mode, trained here on the train split (no downloaded model), predicting
-    without majority voting so it is a per-cell classifier like the others. annotate() gets the
-    test cells with all genes so its own normalisation check sees counts summing to 1e4."""
-    import celltypist
-
-    np.random.seed(seed)
-    model = celltypist.train(xtr, labels=ytr, genes=genes, use_SGD=True, feature_selection=False,
-                             check_expression=False, n_jobs=1, max_iter=int(ctx.cap("celltypist_max_iter", 100)))
-    pred = celltypist.annotate(test_full, model=model, majority_voting=False)
-    return pred.predicted_labels["predicted_labels"].astype(str).to_numpy()
-
-
-def _fm_finetune(adata, train, test, label_key, model_dir, dataset, seed, ctx):
-    """Fine-tune the annotation head on the train cells (their labels in obs[label_key]), then
-    fm.annotate the test cells with no unknown threshold (every cell gets a class)."""
-    import fm
-
-    reference = adata[train].copy()
-    model = ctx.fm_finetune(reference, model_dir, "annotation", dataset, seed,
-                            **{"task.label_key": label_key, "task.min_cells_per_class": 1})
-    return np.asarray(fm.annotate(adata[test].copy(), model, threshold=0.0), dtype=str)
-
-
-METHODS = {"majority": _majority, "logreg": _logreg, "knn_pca": _knn_pca, "celltypist": _celltypist,
-           "fm_knn": _knn, "fm_logreg": _logreg, "fm_finetune": _fm_finetune}
+    name: str
+    seed: int
+    label_key: str
+    cells: object  # AnnData view: raw counts of all cells × the selected genes (what FM methods get)
+    lognorm: object  # AnnData: log-normalised, all genes (CellTypist's test input)
+    genes: np.ndarray  # positions of the selected genes
+    x: np.ndarray  # log-normalised cells × selected genes (what baselines get)
+    labels: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    classes: list  # classes present in the test split: macro-F1 is over these (an absent class has no F1)
 
 
 def make_split(adata, dataset: dict, seed: int, ctx: EvalContext, labels: np.ndarray):
@@ -105,45 +63,101 @@ def make_split(adata, dataset: dict, seed: int, ctx: EvalContext, labels: np.nda
     return ctx.save_split(f"{dataset['name']}_seed{seed}", np.sort(train), np.sort(test), obs_names=adata.obs_names)
 
 
-def metrics(y_true, y_pred, classes) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    out = {"macro_f1": f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0),
-           "accuracy": accuracy_score(y_true, y_pred)}
-    per_class = f1_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
-    out.update({f"f1:{c}": v for c, v in zip(classes, per_class)})
-    return out
-
-
-def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
+def prepare(dataset: dict, seed: int, ctx: EvalContext) -> Prepared:
     adata = ctx.load_dataset(dataset, required_obs=["label_key"])
     labels = adata.obs[dataset["label_key"]].astype(str).to_numpy()
     train, test = make_split(adata, dataset, seed, ctx, labels)
     lognorm = log_normalise(adata)
     genes = select_genes(lognorm, dataset.get("n_hvg", ctx.cap("n_hvg", 2000)), cells=train)
-    x = dense(lognorm.X[:, genes])
-    # macro-F1 over the classes present in the test split (a class absent there has no F1)
-    classes = sorted(set(labels[test]))
-    rows = []
-    for method in methods:
-        if method.startswith("fm_"):
-            runs = [(f"{method}[{ctx.model_label(m)}]", m) for m in ctx.models]
-        else:
-            runs = [(method, None)]
-        for name, model_dir in runs:
-            with timed() as t:
-                if method == "fm_finetune":
-                    pred = _fm_finetune(adata[:, genes], train, test, dataset["label_key"], model_dir,
-                                        dataset["name"], seed, ctx)
-                elif model_dir is not None:
-                    emb = ctx.fm_embeddings(adata[:, genes], model_dir)
-                    pred = METHODS[method](emb[train], labels[train], emb[test], seed, ctx, scale=True)
-                else:
-                    pred = METHODS[method](x[train], labels[train], x[test], seed, ctx,
-                                           genes=lognorm.var_names[genes].to_numpy(), test_full=lognorm[test].copy())
-            for metric, value in metrics(labels[test], pred, classes).items():
-                rows.append({"dataset": dataset["name"], "method": name, "metric": metric, "value": float(value),
-                             "runtime_s": t.seconds})
-            log.info("annotation %s %s seed %d: macro-F1 %.3f (%.1f s)", dataset["name"], name, seed,
-                     rows[-len(classes) - 2]["value"], t.seconds)
-    return rows
+    return Prepared(name=dataset["name"], seed=seed, label_key=dataset["label_key"], cells=adata[:, genes],
+                    lognorm=lognorm, genes=genes, x=dense(lognorm.X[:, genes]), labels=labels, train=train,
+                    test=test, classes=sorted(set(labels[test])))
+
+
+def score(p: Prepared, pred) -> dict[str, float]:
+    """Macro-F1 (main), accuracy and per-class F1 of the predicted test labels."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    y_true = p.labels[p.test]
+    out = {"macro_f1": f1_score(y_true, pred, labels=p.classes, average="macro", zero_division=0),
+           "accuracy": accuracy_score(y_true, pred)}
+    per_class = f1_score(y_true, pred, labels=p.classes, average=None, zero_division=0)
+    out.update({f"f1:{c}": v for c, v in zip(p.classes, per_class)})
+    return out
+
+
+# ---------------------------------------------------------------- classifiers (train matrix → test labels)
+def _logreg_fit(xtr, ytr, xte, seed, ctx, scale=False):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    steps = [StandardScaler()] if scale else []
+    clf = make_pipeline(*steps, LogisticRegression(max_iter=int(ctx.cap("logreg_max_iter", 500)), random_state=seed))
+    return clf.fit(xtr, ytr).predict(xte)
+
+
+def _knn_fit(xtr, ytr, xte, ctx):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return KNeighborsClassifier(n_neighbors=int(ctx.cap("knn_k", 15))).fit(xtr, ytr).predict(xte)
+
+
+# ---------------------------------------------------------------- methods (prepared → test labels)
+def _majority(p: Prepared, ctx):
+    from sklearn.dummy import DummyClassifier
+
+    return DummyClassifier(strategy="most_frequent").fit(p.x[p.train], p.labels[p.train]).predict(p.x[p.test])
+
+
+def _logreg(p: Prepared, ctx):
+    return _logreg_fit(p.x[p.train], p.labels[p.train], p.x[p.test], p.seed, ctx)
+
+
+def _knn_pca(p: Prepared, ctx):
+    """PCA fitted on the train cells only, test cells projected."""
+    from sklearn.decomposition import PCA
+
+    xtr, xte = p.x[p.train], p.x[p.test]
+    pca = PCA(n_components=min(50, xtr.shape[1], xtr.shape[0] - 1), random_state=p.seed).fit(xtr)
+    return _knn_fit(pca.transform(xtr), p.labels[p.train], pca.transform(xte), ctx)
+
+
+def _celltypist(p: Prepared, ctx):
+    """CellTypist in SGD mode, trained here on the train split (no downloaded model), predicting
+    without majority voting so it is a per-cell classifier like the others. annotate() gets the
+    test cells with all genes so its own normalisation check sees counts summing to 1e4."""
+    import celltypist
+
+    np.random.seed(p.seed)
+    model = celltypist.train(p.x[p.train], labels=p.labels[p.train], genes=p.lognorm.var_names[p.genes].to_numpy(),
+                             use_SGD=True, feature_selection=False, check_expression=False, n_jobs=1,
+                             max_iter=int(ctx.cap("celltypist_max_iter", 100)))
+    pred = celltypist.annotate(p.lognorm[p.test].copy(), model=model, majority_voting=False)
+    return pred.predicted_labels["predicted_labels"].astype(str).to_numpy()
+
+
+def _fm_knn(p: Prepared, ctx, model_dir):
+    emb = ctx.fm_embeddings(p.cells, model_dir)
+    return _knn_fit(emb[p.train], p.labels[p.train], emb[p.test], ctx)
+
+
+def _fm_logreg(p: Prepared, ctx, model_dir):
+    """Logistic regression on the standardised zero-shot embedding."""
+    emb = ctx.fm_embeddings(p.cells, model_dir)
+    return _logreg_fit(emb[p.train], p.labels[p.train], emb[p.test], p.seed, ctx, scale=True)
+
+
+def _fm_finetune(p: Prepared, ctx, model_dir):
+    """Fine-tune the annotation head on the train cells (their labels in obs[label_key]), then
+    fm.annotate the test cells with no unknown threshold (every cell gets a class)."""
+    import fm
+
+    reference = p.cells[p.train].copy()
+    model = ctx.fm_finetune(reference, model_dir, "annotation", p.name, p.seed,
+                            **{"task.label_key": p.label_key, "task.min_cells_per_class": 1})
+    return np.asarray(fm.annotate(p.cells[p.test].copy(), model, threshold=0.0), dtype=str)
+
+
+METHODS = {"majority": _majority, "logreg": _logreg, "knn_pca": _knn_pca, "celltypist": _celltypist,
+           "fm_knn": _fm_knn, "fm_logreg": _fm_logreg, "fm_finetune": _fm_finetune}

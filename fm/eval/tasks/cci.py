@@ -44,11 +44,15 @@ pairs × type pairs).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
 
-from fm.eval.context import EvalContext, dense, log_normalise, timed
+from fm.eval.context import EvalContext, dense, timed
+from fm.preprocessing import log_normalise
+from fm.tasks.cci_scoring import RESOURCE_FILE, complex_values, group_means, load_resource, pair_genes, usable_pairs
 
 log = logging.getLogger("fm.eval")
 
@@ -59,13 +63,13 @@ DATASET_KEYS = {"spatial_key", "resource", "resource_file", "n_neighbors", "min_
 KEYS = ["ligand", "receptor", "source", "target"]
 LIANA = {"cellphonedb": "cellphonedb", "natmi": "natmi", "connectome": "connectome",
          "singlecellsignalr": "singlecellsignalr", "rank_aggregate": "rank_aggregate"}
-METHODS = {**{m: None for m in LIANA}, "expr_product": None, "random": None, "fm_denoised": None, "fm_niche": None}
 
 
-# ---------------------------------------------------------------- resource and per-cell complexes
-def load_resource(dataset: dict, ctx: EvalContext, genes) -> pd.DataFrame:
-    """Ligand/receptor pairs of one resource whose genes (all complex subunits) are all in `genes`."""
-    path = ctx.data_dir / dataset.get("resource_file", "lr/liana_omni_resource.csv")
+# ---------------------------------------------------------------- resource (fm.tasks.cci_scoring's conventions)
+def resource_pairs(dataset: dict, ctx: EvalContext, genes) -> pd.DataFrame:
+    """Ligand/receptor pairs of the dataset's resource (from the suite's data directory) whose genes,
+    every complex subunit, are all in `genes`."""
+    path = ctx.data_dir / dataset.get("resource_file", RESOURCE_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"dataset {dataset['name']!r}: resource file {path} not found")
     table = pd.read_csv(path)
@@ -73,23 +77,16 @@ def load_resource(dataset: dict, ctx: EvalContext, genes) -> pd.DataFrame:
     table = table[table["resource"] == name]
     if table.empty:
         raise ValueError(f"{path}: no rows with resource == {name!r}")
-    res = table.rename(columns={"source_genesymbol": "ligand", "target_genesymbol": "receptor"})[["ligand", "receptor"]]
-    genes = set(genes)
-    ok = [all(g in genes for g in lig.split("_")) and all(g in genes for g in rec.split("_"))
-          for lig, rec in zip(res["ligand"], res["receptor"])]
-    res = res[ok].drop_duplicates().reset_index(drop=True)
-    if len(res) < 5:
-        raise ValueError(f"dataset {dataset['name']!r}: only {len(res)} {name!r} pairs have all genes in the data")
-    return res
+    pairs = usable_pairs(load_resource(table), genes, f"dataset {dataset['name']!r}")
+    if len(pairs) < 5:
+        raise ValueError(f"dataset {dataset['name']!r}: only {len(pairs)} {name!r} pairs have all genes in the data")
+    return pairs
 
 
-def complex_matrix(lognorm, names) -> np.ndarray:
-    """cells × len(names): per cell, the min over a complex's subunits (A_B) of log-normalised expression."""
-    index = {g: i for i, g in enumerate(lognorm.var_names)}
-    cols = sorted({g for n in names for g in n.split("_")})
-    x = dense(lognorm[:, [index[g] for g in cols]].X)
-    pos = {g: i for i, g in enumerate(cols)}
-    return np.stack([x[:, [pos[g] for g in n.split("_")]].min(axis=1) for n in names], axis=1)
+def _means(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """group_means with 0, not NaN, for a group without members: an s→t pair without edges
+    co-expresses nothing, and a permutation that empties a group must count as 0 ≥ observed."""
+    return np.nan_to_num(group_means(values, group, n_groups), nan=0.0)
 
 
 # ---------------------------------------------------------------- spatial truth
@@ -106,14 +103,6 @@ def spatial_edges(coords: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0], pairs[:, 1]
 
 
-def _group_mean(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    import scipy.sparse as sp
-
-    onehot = sp.csr_matrix((np.ones(len(group)), (group, np.arange(len(group)))), shape=(n_groups, len(group)))
-    counts = np.asarray(onehot.sum(axis=1)).ravel()
-    return np.asarray(onehot @ values) / np.maximum(counts, 1)[:, None]
-
-
 def spatial_truth(lig: np.ndarray, rec: np.ndarray, types: np.ndarray, coords: np.ndarray, seed: int,
                   k: int = 8, n_perms: int = 200, min_edges: int = 10, alpha: float = 0.05,
                   null: str = "both") -> dict:
@@ -126,7 +115,7 @@ def spatial_truth(lig: np.ndarray, rec: np.ndarray, types: np.ndarray, coords: n
     prod = lig[src] * rec[dst]
     group = types[src] * n_types + types[dst]
     n_groups = n_types * n_types
-    observed = _group_mean(prod, group, n_groups)
+    observed = _means(prod, group, n_groups)
     n_edges = np.bincount(group, minlength=n_groups)
     rng = np.random.default_rng(seed)
     ge_lab = np.zeros_like(observed)
@@ -137,11 +126,11 @@ def spatial_truth(lig: np.ndarray, rec: np.ndarray, types: np.ndarray, coords: n
     for _ in range(n_perms):
         if null in ("both", "labels"):
             perm = rng.permutation(types)
-            ge_lab += _group_mean(prod, perm[src] * n_types + perm[dst], n_groups) >= observed
+            ge_lab += _means(prod, perm[src] * n_types + perm[dst], n_groups) >= observed
         if null in ("both", "positions"):
             i = order[start[types[src]] + (rng.random(len(src)) * size[types[src]]).astype(np.int64)]
             j = order[start[types[dst]] + (rng.random(len(dst)) * size[types[dst]]).astype(np.int64)]
-            ge_pos += _group_mean(lig[i] * rec[j], group, n_groups) >= observed
+            ge_pos += _means(lig[i] * rec[j], group, n_groups) >= observed
     p_lab = (1 + ge_lab) / (1 + n_perms)
     p_pos = (1 + ge_pos) / (1 + n_perms)
     true = {"both": (p_lab < alpha) & (p_pos < alpha), "labels": p_lab < alpha, "positions": p_pos < alpha}[null]
@@ -191,8 +180,8 @@ def liana_scores(method: str, lognorm, label_key: str, resource: pd.DataFrame, s
 
 def expr_product_scores(universe, lig, rec, types, n_types) -> pd.DataFrame:
     """Baseline: mean ligand in the source type × mean receptor in the target type (no specificity)."""
-    mean_l = _group_mean(lig, types, n_types)
-    mean_r = _group_mean(rec, types, n_types)
+    mean_l = _means(lig, types, n_types)
+    mean_r = _means(rec, types, n_types)
     row, p = universe["_row"].to_numpy(), universe["_pair"].to_numpy()
     s, t = row // n_types, row % n_types
     score = mean_l[s, p] * mean_r[t, p]
@@ -217,7 +206,7 @@ def _auc(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
     return {"auroc": float(roc_auc_score(y, s)), "auprc": float(average_precision_score(y, s))}
 
 
-def make_split(adata, dataset: dict, coords: np.ndarray, ctx: EvalContext) -> tuple[np.ndarray, np.ndarray] | None:
+def spatial_split(adata, dataset: dict, coords: np.ndarray, ctx: EvalContext) -> tuple[np.ndarray, np.ndarray] | None:
     """Train/test regions of a spatial dataset (a cut along one coordinate), saved as an index file."""
     spec = dataset.get("split")
     if not spec:
@@ -232,62 +221,48 @@ def make_split(adata, dataset: dict, coords: np.ndarray, ctx: EvalContext) -> tu
                           obs_names=adata.obs_names)
 
 
-def fm_scores(method: str, model_dir, counts, train_counts, dataset: dict, label_key: str, resource: pd.DataFrame,
-              seed: int, ctx: EvalContext) -> pd.DataFrame | None:
-    """fm.interactions on `counts` (raw counts of the scored cells) as harness scores; None when skipped."""
-    import fm
+@dataclass
+class Prepared:
+    """What every method of one dataset × seed sees, and the truth it is scored on."""
 
-    if method == "fm_niche":
-        if train_counts is None:
-            log.warning("cci %s: fm_niche needs a spatial dataset with a split (it must not fine-tune on the "
-                        "cells it is judged on); skipped", dataset["name"])
-            return None
-        model = ctx.fm_finetune(train_counts, model_dir, "cci", dataset["name"], seed, **{
-            "task.label_key": label_key, "task.spatial_key": dataset["spatial_key"],
-            "task.n_neighbors": int(dataset.get("n_neighbors", 8))})
-        known = set(model.config.label2id)
-    else:
-        model, known = fm.load(model_dir), None
-    labels = counts.obs[label_key].astype(str)
-    sizes = labels.value_counts()
-    keep = labels.isin(sizes.index[sizes >= 2]) & (labels.isin(known) if known else True)
-    cells = counts[keep.to_numpy()].copy()
-    frame = fm.interactions(cells, model, groupby=label_key, resource=resource, seed=seed,
-                            n_perms=int(ctx.cap("fm_n_perms", ctx.cap("liana_n_perms", 100))))
-    out = pd.DataFrame({"ligand": frame["ligand_complex"], "receptor": frame["receptor_complex"],
-                        "source": frame["source"], "target": frame["target"], "primary": -frame["rank"].to_numpy(float),
-                        "magnitude": frame["score"]})
-    if "niche_effect" in frame:
-        out["niche_effect"] = frame["niche_effect"]
-    return out
+    name: str
+    seed: int
+    dataset: dict  # the suite entry (fm_niche reads spatial_key and n_neighbors)
+    label_key: str
+    counts: object  # AnnData: raw counts of the scored cells (the test region of a spatial split)
+    train_counts: object  # AnnData: the train region (fm_niche fine-tunes on it, nothing else sees it), or None
+    lognorm: object  # AnnData: counts log-normalised, labels as categories
+    resource: pd.DataFrame  # ligand/receptor pairs with all genes in the data
+    lig: np.ndarray  # cells × pairs: ligand (complex) expression, log-normalised
+    rec: np.ndarray  # cells × pairs: receptor (complex) expression
+    types: np.ndarray  # cell-type code per cell
+    n_types: int
+    universe: pd.DataFrame  # the (ligand, receptor, source, target) tuples every method is scored over
+    y: np.ndarray | None  # which universe tuples are true (None: no space, agreement only)
 
 
-# ---------------------------------------------------------------- run
-def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
-    from scipy.stats import spearmanr
-
+def prepare(dataset: dict, seed: int, ctx: EvalContext) -> Prepared:
     label_key = dataset.get("label_key", "cell_type")
     adata = ctx.load_dataset(dataset, required_obs=["label_key"])
     spatial_key = dataset.get("spatial_key")
-    train_counts = None  # the train region of a spatial split: fm_niche fine-tunes on it, nothing else sees it
+    train_counts = None
     if spatial_key:
         if spatial_key not in adata.obsm:
             raise ValueError(f"{adata.uns['eval_file']}: obsm has no {spatial_key!r} (spatial_key of dataset "
                              f"{dataset['name']!r}); obsm keys: {list(adata.obsm)}")
-        split = make_split(adata, dataset, np.asarray(adata.obsm[spatial_key], dtype=float), ctx)
+        split = spatial_split(adata, dataset, np.asarray(adata.obsm[spatial_key], dtype=float), ctx)
         if split is not None:
             train_counts, adata = adata[split[0]].copy(), adata[split[1]].copy()
             log.info("cci %s: spatial split, %d train-region cells (fine-tuning only), %d test-region cells "
                      "(truth and every ranking)", dataset["name"], train_counts.n_obs, adata.n_obs)
     adata.obs[label_key] = adata.obs[label_key].astype(str).astype("category")
     lognorm = log_normalise(adata)
-    resource = load_resource(dataset, ctx, lognorm.var_names)
+    resource = resource_pairs(dataset, ctx, lognorm.var_names)
     cats = list(adata.obs[label_key].cat.categories)
     types = adata.obs[label_key].cat.codes.to_numpy().astype(np.int64)
-    n_types = len(cats)
-    lig = complex_matrix(lognorm, resource["ligand"])
-    rec = complex_matrix(lognorm, resource["receptor"])
-    truth = None
+    genes = pair_genes(resource)
+    x = dense(lognorm[:, genes].X)
+    lig, rec = complex_values(x, genes, resource["ligand"]), complex_values(x, genes, resource["receptor"])
     if spatial_key:
         with timed() as t_truth:
             truth = spatial_truth(lig, rec, types, np.asarray(adata.obsm[spatial_key], dtype=float), seed,
@@ -295,62 +270,120 @@ def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[
                                   min_edges=int(dataset.get("min_edges", 10)), alpha=float(dataset.get("alpha", 0.05)),
                                   null=dataset.get("truth_null", "both"))
         universe = universe_frame(resource, cats, np.flatnonzero(truth["testable"]))
-        r, p = universe["_row"].to_numpy(), universe["_pair"].to_numpy()
-        y = truth["true"][r, p]
-        table = universe[KEYS].assign(n_edges=truth["n_edges"][r], observed=truth["observed"][r, p],
-                                      p_labels=truth["p_labels"][r, p], p_positions=truth["p_positions"][r, p], true=y)
+        r, q = universe["_row"].to_numpy(), universe["_pair"].to_numpy()
+        y = truth["true"][r, q]
+        table = universe[KEYS].assign(n_edges=truth["n_edges"][r], observed=truth["observed"][r, q],
+                                      p_labels=truth["p_labels"][r, q], p_positions=truth["p_positions"][r, q], true=y)
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         table.to_csv(ctx.output_dir / f"cci_truth_{dataset['name']}_seed{seed}.csv", index=False)
         log.info("cci %s truth: %d pairs × %d testable type pairs = %d tuples, %d true (%.1f s)", dataset["name"],
                  len(resource), int(truth["testable"].sum()), len(y), int(y.sum()), t_truth.seconds)
     else:
-        universe = universe_frame(resource, cats)
-        y = None
-    rows, primaries = [], {}
-    for method in methods:
-        if method not in METHODS:
-            log.warning("cci: method %r unknown or not available; skipped", method)
-            continue
-        runs = ([(f"{method}[{ctx.model_label(m)}]", m) for m in ctx.models] if method.startswith("fm_")
-                else [(method, None)])
-        for name, model_dir in runs:
-            with timed() as t:
-                if model_dir is not None:
-                    scores = fm_scores(method, model_dir, adata, train_counts, dataset, label_key, resource, seed, ctx)
-                elif method == "random":
-                    s = np.random.default_rng(seed).random(len(universe))
-                    scores = universe[KEYS].assign(primary=s, magnitude=s)
-                elif method == "expr_product":
-                    scores = expr_product_scores(universe, lig, rec, types, n_types)
-                else:
-                    scores = liana_scores(method, lognorm, label_key, resource, seed, ctx)
-                if scores is None:
-                    continue
-                (primary, found), (magnitude, _) = align(universe, scores, "primary"), align(universe, scores, "magnitude")
-            primaries[name] = (primary, found)
-            coverage = float(found.mean())
-            base = {"dataset": dataset["name"], "method": name, "runtime_s": t.seconds}
-            if y is not None:
-                values = _auc(y, primary)
-                values.update({f"{k}_magnitude": v for k, v in _auc(y, magnitude).items()})
-                if "niche_effect" in scores:  # fm_niche: its niche effect alone
-                    effect, _ = align(universe, scores, "niche_effect")
-                    values.update({f"{k}_niche_effect": v for k, v in _auc(y, effect).items()})
-                values["coverage"] = coverage
-                rows += [{**base, "metric": k, "value": v} for k, v in values.items()]
-                log.info("cci %s %s seed %d: AUROC %.3f AUPRC %.3f (%.1f s)", dataset["name"], name, seed,
-                         values["auroc"], values["auprc"], t.seconds)
-            else:
-                rows.append({**base, "metric": "coverage", "value": coverage})
-    if y is None:  # agreement among methods: the only thing measurable without ground truth
-        # over the tuples both methods report (unreported ones would all tie at the bottom)
-        def rho(a, b):
-            both = a[1] & b[1]
-            return spearmanr(a[0][both], b[0][both])[0] if both.sum() > 2 else np.nan
+        universe, y = universe_frame(resource, cats), None
+    return Prepared(name=dataset["name"], seed=seed, dataset=dataset, label_key=label_key, counts=adata,
+                    train_counts=train_counts, lognorm=lognorm, resource=resource, lig=lig, rec=rec, types=types,
+                    n_types=len(cats), universe=universe, y=y)
 
-        for row in [r for r in rows if r["metric"] == "coverage"]:
-            mine = primaries[row["method"]]
-            others = [rho(mine, v) for m, v in primaries.items() if m != row["method"]]
-            rows.append({**row, "metric": "agreement_spearman",
-                         "value": float(np.nanmean(others)) if others else float("nan")})
-    return rows
+
+@dataclass
+class Ranking:
+    """A method's output: its scores for every universe tuple (see align) and which tuples it reports."""
+
+    primary: np.ndarray
+    found: np.ndarray
+    magnitude: np.ndarray
+    niche_effect: np.ndarray | None  # fm_niche only: the niche effect alone
+
+
+def _ranking(p: Prepared, scores: pd.DataFrame) -> Ranking:
+    primary, found = align(p.universe, scores, "primary")
+    effect = align(p.universe, scores, "niche_effect")[0] if "niche_effect" in scores else None
+    return Ranking(primary=primary, found=found, magnitude=align(p.universe, scores, "magnitude")[0],
+                   niche_effect=effect)
+
+
+def score(p: Prepared, r: Ranking) -> dict[str, float]:
+    """AUROC (main) and AUPRC against the spatial truth, by the primary score, by magnitude and (fm_niche)
+    by the niche effect, then coverage; without truth, coverage only (finalize adds agreement)."""
+    coverage = float(r.found.mean())
+    if p.y is None:
+        return {"coverage": coverage}
+    values = _auc(p.y, r.primary)
+    values.update({f"{k}_magnitude": v for k, v in _auc(p.y, r.magnitude).items()})
+    if r.niche_effect is not None:
+        values.update({f"{k}_niche_effect": v for k, v in _auc(p.y, r.niche_effect).items()})
+    values["coverage"] = coverage
+    return values
+
+
+def finalize(p: Prepared, rankings: dict[str, Ranking]) -> dict[str, dict[str, float]]:
+    """Without truth, agreement is the only thing measurable: each method's mean Spearman correlation
+    with every other method over the tuples both report (unreported ones would all tie at the bottom)."""
+    from scipy.stats import spearmanr
+
+    if p.y is not None:
+        return {}
+
+    def rho(a: Ranking, b: Ranking):
+        both = a.found & b.found
+        return spearmanr(a.primary[both], b.primary[both])[0] if both.sum() > 2 else np.nan
+
+    out = {}
+    for name, mine in rankings.items():
+        others = [rho(mine, other) for m, other in rankings.items() if m != name]
+        out[name] = {"agreement_spearman": float(np.nanmean(others)) if others else float("nan")}
+    return out
+
+
+# ---------------------------------------------------------------- methods (prepared → Ranking, None when skipped)
+def _liana(method: str, p: Prepared, ctx):
+    return _ranking(p, liana_scores(method, p.lognorm, p.label_key, p.resource, p.seed, ctx))
+
+
+def _expr_product(p: Prepared, ctx):
+    return _ranking(p, expr_product_scores(p.universe, p.lig, p.rec, p.types, p.n_types))
+
+
+def _random(p: Prepared, ctx):
+    s = np.random.default_rng(p.seed).random(len(p.universe))
+    return _ranking(p, p.universe[KEYS].assign(primary=s, magnitude=s))
+
+
+def _fm_interactions(p: Prepared, ctx, model, known) -> Ranking:
+    """fm.interactions on the scored cells of groups with ≥ 2 cells (and, with `known`, of types the
+    model was trained on), ranked by its rank (p-value, then score)."""
+    import fm
+
+    labels = p.counts.obs[p.label_key].astype(str)
+    sizes = labels.value_counts()
+    keep = labels.isin(sizes.index[sizes >= 2]) & (labels.isin(known) if known else True)
+    cells = p.counts[keep.to_numpy()].copy()
+    frame = fm.interactions(cells, model, groupby=p.label_key, resource=p.resource, seed=p.seed,
+                            n_perms=int(ctx.cap("fm_n_perms", ctx.cap("liana_n_perms", 100))))
+    scores = pd.DataFrame({"ligand": frame["ligand_complex"], "receptor": frame["receptor_complex"],
+                           "source": frame["source"], "target": frame["target"],
+                           "primary": -frame["rank"].to_numpy(float), "magnitude": frame["score"]})
+    if "niche_effect" in frame:
+        scores["niche_effect"] = frame["niche_effect"]
+    return _ranking(p, scores)
+
+
+def _fm_denoised(p: Prepared, ctx, model_dir):
+    import fm
+
+    return _fm_interactions(p, ctx, fm.load(model_dir), None)
+
+
+def _fm_niche(p: Prepared, ctx, model_dir):
+    if p.train_counts is None:
+        log.warning("cci %s: fm_niche needs a spatial dataset with a split (it must not fine-tune on the "
+                    "cells it is judged on); skipped", p.name)
+        return None
+    model = ctx.fm_finetune(p.train_counts, model_dir, "cci", p.name, p.seed, **{
+        "task.label_key": p.label_key, "task.spatial_key": p.dataset["spatial_key"],
+        "task.n_neighbors": int(p.dataset.get("n_neighbors", 8))})
+    return _fm_interactions(p, ctx, model, set(model.config.label2id))
+
+
+METHODS = {**{m: partial(_liana, m) for m in LIANA}, "expr_product": _expr_product, "random": _random,
+           "fm_denoised": _fm_denoised, "fm_niche": _fm_niche}

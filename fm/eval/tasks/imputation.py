@@ -26,13 +26,12 @@ MVC decoder predicts per-cell expression-bin ranks, not normalised expression.
 """
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 
 import numpy as np
 
-from fm.eval.context import TARGET_SUM, EvalContext, dense, select_genes, timed, torch_threads
-
-log = logging.getLogger("fm.eval")
+from fm.eval.context import EvalContext, dense, select_genes, torch_threads
+from fm.preprocessing import TARGET_SUM, log_normalise
 
 MAIN_METRIC = "mcv_mse"
 HIGHER_IS_BETTER = False
@@ -41,7 +40,7 @@ DATASET_KEYS = {"n_hvg", "mask_fraction", "mcv_p"}
 
 
 def lognorm(counts: np.ndarray) -> np.ndarray:
-    """The same normalisation as context.log_normalise, on a dense matrix (cells with 0 counts stay 0)."""
+    """The same normalisation as fm.preprocessing.log_normalise, on a dense matrix (cells with 0 counts stay 0)."""
     lib = counts.sum(1, keepdims=True)
     return np.log1p(counts / np.maximum(lib, 1) * TARGET_SUM).astype(np.float32)
 
@@ -52,6 +51,50 @@ def _pca(x, seed, n=50):
     return PCA(n_components=min(n, x.shape[0] - 1, x.shape[1]), random_state=seed).fit_transform(x)
 
 
+@dataclass
+class Prepared:
+    """What every method of one dataset × seed sees, and the held-out truth it is scored on."""
+
+    name: str
+    seed: int
+    var_names: np.ndarray  # the selected genes
+    masked: np.ndarray  # counts with the held-out entries set to 0 (input of scores 1 and 3)
+    x_masked: np.ndarray  # … log-normalised
+    train_counts: np.ndarray  # MCV train half (input of score 2)
+    x_train: np.ndarray  # … log-normalised
+    x_test: np.ndarray  # MCV test half, log-normalised: score 2's truth
+    truth: np.ndarray  # log-normalised full counts: score 1's truth at (rows, cols)
+    rows: np.ndarray
+    cols: np.ndarray
+    labels: np.ndarray | None  # cell types for score 3 (None: no label_key)
+
+
+def prepare(dataset: dict, seed: int, ctx: EvalContext) -> Prepared:
+    label_key = dataset.get("label_key")
+    adata = ctx.load_dataset(dataset, required_obs=["label_key"] if label_key else [])
+    genes = select_genes(log_normalise(adata), dataset.get("n_hvg", ctx.cap("n_hvg", 2000)))
+    counts = dense(adata.X[:, genes])
+    rng = np.random.default_rng(seed)
+    # 1. masked nonzero entries (index file: flat positions into cells × selected genes)
+    nz = np.flatnonzero(counts.ravel() > 0)
+    frac = dataset.get("mask_fraction", ctx.cap("mask_fraction", 0.1))
+    held = np.sort(rng.choice(nz, size=int(frac * len(nz)), replace=False))
+    # 2. MCV binomial split; stored as the train-half counts so the split is exactly reproducible
+    p = dataset.get("mcv_p", ctx.cap("mcv_p", 0.5))
+    train_counts = rng.binomial(counts.astype(np.int64), p)
+    saved = ctx.save_indices(f"{dataset['name']}_seed{seed}", obs_names=adata.obs_names, held_out=held,
+                             genes=genes, mcv_train_counts=train_counts.ravel())
+    held, train_counts = saved["held_out"], saved["mcv_train_counts"].reshape(counts.shape).astype(np.float32)
+    rows, cols = np.unravel_index(held, counts.shape)
+    masked = counts.copy()
+    masked[rows, cols] = 0
+    return Prepared(name=dataset["name"], seed=seed, var_names=adata.var_names[genes].to_numpy(), masked=masked,
+                    x_masked=lognorm(masked), train_counts=train_counts, x_train=lognorm(train_counts),
+                    x_test=lognorm(counts - train_counts), truth=lognorm(counts), rows=rows, cols=cols,
+                    labels=adata.obs[label_key].astype(str).to_numpy() if label_key else None)
+
+
+# ---------------------------------------------------------------- imputations (x, counts, seed, ctx) → imputed x
 def _none(x, counts, seed, ctx):
     return x
 
@@ -150,7 +193,7 @@ def _scvi(x, counts, seed, ctx):
     return np.log1p(np.asarray(rate, dtype=np.float32))
 
 
-def _fm_finetune(x, counts, seed, ctx, model_dir=None, dataset="", genes=None, part=""):
+def _fm_impute(x, counts, seed, ctx, model_dir, dataset, genes, part):
     """Fine-tune on these input counts only (cells with no input counts keep their zero input), then
     impute them. Torch runs on caps.threads threads (context.torch_threads)."""
     import anndata as ad
@@ -168,7 +211,26 @@ def _fm_finetune(x, counts, seed, ctx, model_dir=None, dataset="", genes=None, p
     return out
 
 
-METHODS = {"none": _none, "knn_smooth": _knn_smooth, "magic": _magic, "alra": _alra, "scvi": _scvi,
+# ---------------------------------------------------------------- methods: prepared → (imputed masked, imputed MCV)
+def _on_both_inputs(impute):
+    """A method from an imputation function (x, counts, seed, ctx) → imputed x: run on the masked
+    input and on the MCV train half, the two inputs every method sees."""
+
+    def method(p: Prepared, ctx):
+        return impute(p.x_masked, p.masked, p.seed, ctx), impute(p.x_train, p.train_counts, p.seed, ctx)
+
+    method.__doc__ = impute.__doc__
+    return method
+
+
+def _fm_finetune(p: Prepared, ctx, model_dir):
+    """One fine-tune per input, so neither sees the other's held-out counts."""
+    return tuple(_fm_impute(x, counts, p.seed, ctx, model_dir, p.name, p.var_names, part)
+                 for x, counts, part in ((p.x_masked, p.masked, "masked"), (p.x_train, p.train_counts, "mcv")))
+
+
+METHODS = {**{name: _on_both_inputs(fn) for name, fn in
+              {"none": _none, "knn_smooth": _knn_smooth, "magic": _magic, "alra": _alra, "scvi": _scvi}.items()},
            "fm_finetune": _fm_finetune}
 
 
@@ -192,51 +254,10 @@ def masked_metrics(imputed, truth, rows, cols) -> dict[str, float]:
     return {"masked_pearson": pearson, "masked_mse": float(np.mean((pred - true) ** 2))}
 
 
-def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
-    from fm.eval.context import log_normalise
-
-    label_key = dataset.get("label_key")
-    adata = ctx.load_dataset(dataset, required_obs=["label_key"] if label_key else [])
-    genes = select_genes(log_normalise(adata), dataset.get("n_hvg", ctx.cap("n_hvg", 2000)))
-    counts = dense(adata.X[:, genes])
-    rng = np.random.default_rng(seed)
-    # 1. masked nonzero entries (index file: flat positions into cells × selected genes)
-    nz = np.flatnonzero(counts.ravel() > 0)
-    frac = dataset.get("mask_fraction", ctx.cap("mask_fraction", 0.1))
-    held = np.sort(rng.choice(nz, size=int(frac * len(nz)), replace=False))
-    # 2. MCV binomial split; stored as the train-half counts so the split is exactly reproducible
-    p = dataset.get("mcv_p", ctx.cap("mcv_p", 0.5))
-    train_counts = rng.binomial(counts.astype(np.int64), p)
-    saved = ctx.save_indices(f"{dataset['name']}_seed{seed}", obs_names=adata.obs_names, held_out=held,
-                             genes=genes, mcv_train_counts=train_counts.ravel())
-    held, train_counts = saved["held_out"], saved["mcv_train_counts"].reshape(counts.shape).astype(np.float32)
-    rows, cols = np.unravel_index(held, counts.shape)
-    truth = lognorm(counts)
-    masked = counts.copy()
-    masked[rows, cols] = 0
-    x_masked, x_train, x_test = lognorm(masked), lognorm(train_counts), lognorm(counts - train_counts)
-    labels = adata.obs[label_key].astype(str).to_numpy() if label_key else None
-    var_names = adata.var_names[genes].to_numpy()
-    out = []
-    for method in methods:
-        fn = METHODS[method]
-        runs = [(f"{method}[{ctx.model_label(m)}]", m) for m in ctx.models] if method.startswith("fm_") else [(method, None)]
-        for name, model_dir in runs:  # FM methods: once per --model, seeing only what the others see
-
-            def impute(x, c, part):
-                if model_dir is None:
-                    return fn(x, c, seed, ctx)
-                return fn(x, c, seed, ctx, model_dir=model_dir, dataset=dataset["name"], genes=var_names, part=part)
-
-            with timed() as t1:
-                imputed = impute(x_masked, masked, "masked")
-            with timed() as t2:
-                mcv = impute(x_train, train_counts, "mcv")
-            values = {"mcv_mse": float(np.mean((mcv - x_test) ** 2)), **masked_metrics(imputed, truth, rows, cols)}
-            if labels is not None:
-                values.update(clustering_ari(imputed, labels, seed))
-            log.info("imputation %s %s seed %d: MCV MSE %.4f, masked MSE %.4f (%.1f s)", dataset["name"], name, seed,
-                     values["mcv_mse"], values["masked_mse"], t1.seconds + t2.seconds)
-            out += [{"dataset": dataset["name"], "method": name, "metric": k, "value": v,
-                     "runtime_s": t1.seconds + t2.seconds} for k, v in values.items()]
-    return out
+def score(p: Prepared, output) -> dict[str, float]:
+    """MCV MSE (main), masked-entry Pearson/MSE and, with labels, clustering ARIs of the masked-input run."""
+    imputed, mcv = output
+    values = {"mcv_mse": float(np.mean((mcv - p.x_test) ** 2)), **masked_metrics(imputed, p.truth, p.rows, p.cols)}
+    if p.labels is not None:
+        values.update(clustering_ari(imputed, p.labels, p.seed))
+    return values

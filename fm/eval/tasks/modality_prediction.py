@@ -3,7 +3,8 @@ train cells, predict them on the test cells.
 
 Targets: CLR-normalised protein counts, per cell (Seurat's CLR with margin 1 / muon's
 `prot.pp.clr`): log1p(counts) minus the cell's mean log1p over all measured ADTs — the one
-definition in fm.tasks.modality_prediction (`clr`, `CONTROL_RE`), shared with fine-tuning. Isotype
+definition in fm.preprocessing (`clr`; `CONTROL_RE` from fm.tasks.modality_prediction), shared with
+fine-tuning. Isotype
 controls (names matching IgG/isotype/control) take part in the CLR mean, as they do in those
 tools, but are never a target nor in any metric.
 
@@ -12,7 +13,8 @@ seeded, saved as an index file), the same log-normalised RNA (log1p counts/1e4) 
 (HVGs chosen on the train cells). Methods:
   mean       — control: each protein's train mean for every test cell.
   ridge_pca  — RidgeCV (alphas 1e-2..1e4, chosen by leave-one-out on train) on RNA PCA
-               (fit on train cells only, test projected).
+               (fit on train cells only, test projected; each _pca method fits it, so its runtime
+               counts it).
   knn_pca    — kNN regression (k = caps.knn_k, distance-weighted) on the same PCA.
   totalvi    — scvi-tools TOTALVI on the HVG counts of *all* cells with the test cells' proteins
                masked: test cells form their own batch whose protein counts are all zero, which
@@ -31,11 +33,13 @@ RMSE over all test cell × protein CLR values.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
-from fm.eval.context import EvalContext, dense, log_normalise, select_genes, timed
-from fm.tasks.modality_prediction import CONTROL_RE, clr
+from fm.eval.context import EvalContext, dense, select_genes
+from fm.preprocessing import clr, log_normalise
+from fm.tasks.modality_prediction import CONTROL_RE
 
 log = logging.getLogger("fm.eval")
 
@@ -43,7 +47,6 @@ MAIN_METRIC = "pearson_protein"
 HIGHER_IS_BETTER = True
 CONTROLS = ["mean"]
 DATASET_KEYS = {"protein_key", "protein_names_key", "n_hvg"}
-METHODS = {"mean": None, "ridge_pca": None, "knn_pca": None, "totalvi": None, "fm_ridge": None, "fm_finetune": None}
 FINETUNE_KEY = "protein_counts"
 """obsm key of the train cells' ADT counts handed to the fine-tuning (a DataFrame with the suite's names)."""
 
@@ -79,6 +82,55 @@ def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 1e-12)
 
 
+def make_split(adata, dataset: dict, seed: int, ctx: EvalContext):
+    from sklearn.model_selection import train_test_split
+
+    spec = dataset.get("split") or {}
+    if spec.get("kind", "random") != "random":
+        raise ValueError(f"dataset {dataset['name']!r}: modality prediction supports split kind 'random' only")
+    train, test = train_test_split(np.arange(adata.n_obs), test_size=spec.get("test_size", 0.2), random_state=seed)
+    return ctx.save_split(f"{dataset['name']}_seed{seed}", np.sort(train), np.sort(test), obs_names=adata.obs_names)
+
+
+@dataclass
+class Prepared:
+    """What every method of one dataset × seed sees, and the test targets it is scored on."""
+
+    name: str
+    seed: int
+    adata: object  # raw counts, all genes (totalVI subsets them itself)
+    cells: object  # AnnData view: raw counts × the selected genes (what FM methods get)
+    genes: np.ndarray  # positions of the selected genes
+    x: np.ndarray  # log-normalised cells × selected genes
+    protein_counts: np.ndarray  # cells × all ADTs, isotype controls included
+    protein_names: list
+    target_cols: list  # the ADTs that are targets (not isotype controls)
+    target_names: list
+    y: np.ndarray  # CLR targets, cells × target_cols
+    train: np.ndarray
+    test: np.ndarray
+
+
+def prepare(dataset: dict, seed: int, ctx: EvalContext) -> Prepared:
+    adata = ctx.load_dataset(dataset)
+    counts, names = protein_table(adata, dataset)
+    target_cols = [i for i, n in enumerate(names) if not CONTROL_RE.search(n)]
+    dropped = [names[i] for i in range(len(names)) if i not in target_cols]
+    if dropped:
+        log.info("modality %s: isotype controls %s excluded from targets and metrics", dataset["name"], dropped)
+    train, test = make_split(adata, dataset, seed, ctx)
+    lognorm = log_normalise(adata)
+    genes = select_genes(lognorm, dataset.get("n_hvg", ctx.cap("n_hvg", 2000)), cells=train)
+    return Prepared(name=dataset["name"], seed=seed, adata=adata, cells=adata[:, genes], genes=genes,
+                    x=dense(lognorm.X[:, genes]), protein_counts=counts, protein_names=names, target_cols=target_cols,
+                    target_names=[names[i] for i in target_cols], y=clr(counts)[:, target_cols], train=train,
+                    test=test)
+
+
+def score(p: Prepared, pred) -> dict[str, float]:
+    return metrics(p.y[p.test], np.asarray(pred), p.target_names)
+
+
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict[str, float]:
     per_protein = _pearson_rows(y_true.T, y_pred.T)
     out = {"pearson_protein": float(per_protein.mean()),
@@ -89,11 +141,13 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict[st
 
 
 # ---------------------------------------------------------------- methods
-def _pca(xtr, xte, seed, ctx):
+def _pcs(p, ctx):
+    """RNA PCA fitted on the train cells, test cells projected."""
     from sklearn.decomposition import PCA
 
+    xtr, xte = p.x[p.train], p.x[p.test]
     n = min(int(ctx.cap("n_pcs", 50)), xtr.shape[1], xtr.shape[0] - 1)
-    pca = PCA(n_components=n, random_state=seed).fit(xtr)
+    pca = PCA(n_components=n, random_state=p.seed).fit(xtr)
     return pca.transform(xtr), pca.transform(xte)
 
 
@@ -159,60 +213,35 @@ def fm_finetune_predict(adata, counts, names, train, test, target_names, model_d
     return fm.predict_protein(cells(test, {}), model)[target_names].to_numpy(dtype=np.float64)
 
 
-def make_split(adata, dataset: dict, seed: int, ctx: EvalContext):
-    from sklearn.model_selection import train_test_split
-
-    spec = dataset.get("split") or {}
-    if spec.get("kind", "random") != "random":
-        raise ValueError(f"dataset {dataset['name']!r}: modality prediction supports split kind 'random' only")
-    train, test = train_test_split(np.arange(adata.n_obs), test_size=spec.get("test_size", 0.2), random_state=seed)
-    return ctx.save_split(f"{dataset['name']}_seed{seed}", np.sort(train), np.sort(test), obs_names=adata.obs_names)
+def _mean(p: Prepared, ctx):
+    """Control: each protein's train mean for every test cell."""
+    return np.broadcast_to(p.y[p.train].mean(axis=0), (len(p.test), p.y.shape[1]))
 
 
-def run(dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
-    adata = ctx.load_dataset(dataset)
-    counts, names = protein_table(adata, dataset)
-    target_cols = [i for i, n in enumerate(names) if not CONTROL_RE.search(n)]
-    dropped = [names[i] for i in range(len(names)) if i not in target_cols]
-    if dropped:
-        log.info("modality %s: isotype controls %s excluded from targets and metrics", dataset["name"], dropped)
-    target_names = [names[i] for i in target_cols]
-    y = clr(counts)[:, target_cols]
-    train, test = make_split(adata, dataset, seed, ctx)
-    lognorm = log_normalise(adata)
-    genes = select_genes(lognorm, dataset.get("n_hvg", ctx.cap("n_hvg", 2000)), cells=train)
-    x = dense(lognorm.X[:, genes])
-    pcs, pca_seconds = None, 0.0
-    if any(m.endswith("_pca") for m in methods):
-        with timed() as t_pca:
-            pcs = _pca(x[train], x[test], seed, ctx)
-        pca_seconds = t_pca.seconds
-    rows = []
-    for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"modality prediction: unknown method {method!r}; known: {sorted(METHODS)}")
-        runs = [(f"{method}[{ctx.model_label(m)}]", m) for m in ctx.models] if method.startswith("fm_") \
-            else [(method, None)]
-        for name, model_dir in runs:
-            with timed() as t:
-                if method == "fm_finetune":
-                    pred = fm_finetune_predict(adata[:, genes], counts, names, train, test, target_names, model_dir,
-                                               dataset["name"], seed, ctx)
-                elif model_dir is not None:
-                    emb = ctx.fm_embeddings(adata[:, genes], model_dir)
-                    pred = _ridge(emb[train], y[train], emb[test], scale=True)
-                elif method == "mean":
-                    pred = np.broadcast_to(y[train].mean(axis=0), (len(test), y.shape[1]))
-                elif method == "totalvi":
-                    fg = totalvi_predict(adata, genes, counts, names, train, test, seed, ctx)
-                    pred = clr(fg)[:, target_cols]
-                else:
-                    fit = _ridge if method == "ridge_pca" else (lambda a, b, c: _knn(a, b, c, ctx))
-                    pred = fit(pcs[0], y[train], pcs[1])
-            seconds = t.seconds + (pca_seconds if method.endswith("_pca") else 0.0)  # shared PCA counted for each
-            values = metrics(y[test], np.asarray(pred), target_names)
-            rows += [{"dataset": dataset["name"], "method": name, "metric": k, "value": v, "runtime_s": seconds}
-                     for k, v in values.items()]
-            log.info("modality %s %s seed %d: per-protein r %.3f, per-cell r %.3f, RMSE %.3f (%.1f s)", dataset["name"],
-                     name, seed, values["pearson_protein"], values["pearson_cell"], values["rmse"], seconds)
-    return rows
+def _ridge_pca(p: Prepared, ctx):
+    ztr, zte = _pcs(p, ctx)
+    return _ridge(ztr, p.y[p.train], zte)
+
+
+def _knn_pca(p: Prepared, ctx):
+    ztr, zte = _pcs(p, ctx)
+    return _knn(ztr, p.y[p.train], zte, ctx)
+
+
+def _totalvi(p: Prepared, ctx):
+    fg = totalvi_predict(p.adata, p.genes, p.protein_counts, p.protein_names, p.train, p.test, p.seed, ctx)
+    return clr(fg)[:, p.target_cols]
+
+
+def _fm_ridge(p: Prepared, ctx, model_dir):
+    emb = ctx.fm_embeddings(p.cells, model_dir)
+    return _ridge(emb[p.train], p.y[p.train], emb[p.test], scale=True)
+
+
+def _fm_finetune(p: Prepared, ctx, model_dir):
+    return fm_finetune_predict(p.cells, p.protein_counts, p.protein_names, p.train, p.test, p.target_names, model_dir,
+                               p.name, p.seed, ctx)
+
+
+METHODS = {"mean": _mean, "ridge_pca": _ridge_pca, "knn_pca": _knn_pca, "totalvi": _totalvi, "fm_ridge": _fm_ridge,
+           "fm_finetune": _fm_finetune}
