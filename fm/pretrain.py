@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fm.config import RunConfig
@@ -13,19 +12,10 @@ from fm.data import CellCollator, encode_files
 from fm.data.corpus import is_corpus, load_manifest
 from fm.data.streaming import CorpusDataset
 from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression
-from fm.tokenizer import CellTokenizer, EncodedCells, subset_cells
+from fm.tokenizer import CellTokenizer, EncodedCells, split_cells
 from fm.train import TrainResult, make_accelerator, train
 
 log = logging.getLogger("fm")
-
-
-def split_cells(cells: EncodedCells, val_fraction: float, seed: int) -> tuple[EncodedCells, EncodedCells | None]:
-    """A fixed (seed) held-out fraction of cells for evaluation."""
-    n_val = int(round(len(cells) * val_fraction))
-    if n_val == 0:
-        return cells, None
-    order = np.random.default_rng(seed).permutation(len(cells))
-    return subset_cells(cells, np.sort(order[n_val:])), subset_cells(cells, np.sort(order[:n_val]))
 
 
 def build_tokenizer(cfg: RunConfig) -> CellTokenizer:

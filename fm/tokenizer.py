@@ -273,6 +273,18 @@ class CellTokenizer:
         return cls(vocab=vocab, **config)
 
 
+def split_cells(cells, val_fraction: float, seed: int):
+    """A fixed (seed) held-out fraction of cells for periodic evaluation: (train, held out), or (cells, None)
+    when it rounds to 0. `cells` is an EncodedCells or anything with a `.subset(rows)` (TaskCells); the
+    one split of pretraining and every fine-tune."""
+    n_val = int(round(len(cells) * val_fraction))
+    if n_val == 0:
+        return cells, None
+    order = np.random.default_rng(seed).permutation(len(cells))
+    take = cells.subset if hasattr(cells, "subset") else (lambda rows: subset_cells(cells, rows))
+    return take(np.sort(order[n_val:])), take(np.sort(order[:n_val]))
+
+
 def subset_cells(cells: EncodedCells, rows: np.ndarray) -> EncodedCells:
     """Rows of an EncodedCells as a new, compact EncodedCells."""
     starts, ends = cells.indptr[rows], cells.indptr[rows + 1]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import real_file, tiny_overrides
+from conftest import tiny_overrides
 from fm.cli import main
 from fm.config import load_config
 from fm.data.corpus import build_corpus, load_manifest

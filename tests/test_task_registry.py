@@ -100,25 +100,26 @@ def _eval_module():
 
 
 @pytest.fixture()
-def toy_task():
+def toy_task(tmp_path):
+    recipe = tmp_path / "toy_depth.yaml"  # recipes/finetune/<task>.yaml
+    recipe.write_text(yaml.safe_dump({
+        "task": {"name": "toy_depth", "scale": 2.0}, "data": {"max_genes": 32, "val_fraction": 0.1},
+        "train": {"max_steps": 3, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "progress": False, "save_every": 0}}))
     task = registry.register(registry.Task(name="toy_depth", config=ToyDepthConfig, head=ScFMForToyDepth,
                                            collator=LabeledCellCollator, run=run_toy_depth, inference=(predict_depth,),
-                                           eval=_eval_module()))
+                                           eval=_eval_module(), recipe=recipe))
     yield task
     registry.unregister("toy_depth")
 
 
 def test_a_sixth_task_registered_in_one_file_runs_everywhere(toy_task, tiny_model_dir, pbmc_path, pbmc_small, tmp_path):
-    recipe = tmp_path / "toy_depth.yaml"  # recipes/finetune/<task>.yaml
-    recipe.write_text(yaml.safe_dump({
-        "task": {"name": "toy_depth", "scale": 2.0}, "data": {"max_genes": 32, "val_fraction": 0.1},
-        "train": {"max_steps": 3, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "progress": False, "save_every": 0}}))
+    recipe = toy_task.recipe_path()
     cfg = load_config(recipe)
     assert isinstance(cfg.task, ToyDepthConfig) and cfg.task.scale == 2.0
     with pytest.raises(KeyError, match="task.label_key"):  # only the toy task's own fields
         load_config(recipe, ["task.label_key=x"])
 
-    model = fm.finetune(tiny_model_dir, pbmc_small, task="toy_depth", recipe=recipe, output_dir=tmp_path / "ft")
+    model = fm.finetune(tiny_model_dir, pbmc_small, task="toy_depth", output_dir=tmp_path / "ft")  # its own recipe
     assert type(model) is ScFMForToyDepth and fm.load(tmp_path / "ft" / "model").__class__ is ScFMForToyDepth
     assert fm.predict_depth is predict_depth and "predict_depth" in fm._public_names()
     depth = fm.predict_depth(pbmc_small, model)

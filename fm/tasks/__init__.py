@@ -23,8 +23,8 @@ def finetune(model: str | Path, adata, task: str, output_dir: str | Path | None 
     """Fine-tune a task head on AnnData from Python; returns the fine-tuned model (fm.load of its export).
 
     model: a pretrained (or fine-tuned) checkpoint directory. adata: an AnnData of raw counts, or a
-    list of them. task: a name in fm.tasks.registry.TASKS; the recipe defaults to
-    recipes/finetune/<task>.yaml. overrides: dotted config keys with '.' written '__', e.g.
+    list of them. task: a name in fm.tasks.registry.TASKS; the recipe defaults to the task's own
+    (recipes/finetune/<task>.yaml). overrides: dotted config keys with '.' written '__', e.g.
     train__max_steps=100, task__label_key="cell_type" (or pass a dict as
     `overrides={"train.max_steps": 100}`). The run (logs, checkpoints, export) goes to output_dir
     (default runs/<task>); a directory that already holds a run is refused, as with `fm finetune`.
@@ -33,16 +33,15 @@ def finetune(model: str | Path, adata, task: str, output_dir: str | Path | None 
 
     from fm.api import load
     from fm.config import load_config
-    from fm.paths import recipe_path
 
-    get(task)  # unknown task: a clear error before any work
+    spec = get(task)  # unknown task: a clear error before any work
     extra = overrides.pop("overrides", None) or {}
     dotted = {k.replace("__", "."): v for k, v in overrides.items()}
     dotted.update(extra)
     dotted.update({"task.name": task, "model.init_from": str(model)})
     if output_dir is not None:
         dotted["train.output_dir"] = str(output_dir)
-    cfg = load_config(recipe or recipe_path(f"finetune/{task}"),
+    cfg = load_config(recipe or spec.recipe_path(),
                       [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
                        for k, v in dotted.items()])
     run_finetune(cfg, adatas=adata)

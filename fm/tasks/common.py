@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from fm.config import RunConfig
-from fm.tokenizer import CellTokenizer, EncodedCells, subset_cells
+from fm.tokenizer import CellTokenizer, EncodedCells, split_cells, subset_cells
 from fm.train import TrainResult, make_accelerator, train
 
 log = logging.getLogger("fm")
@@ -112,15 +112,6 @@ def concat_targets(per_source: list[dict[str, np.ndarray]]) -> dict[str, np.ndar
     """Stack per-source target dicts (same keys in every source) along the cell axis."""
     keys = per_source[0].keys() if per_source else ()
     return {k: np.concatenate([t[k] for t in per_source]) for k in keys}
-
-
-def split_cells(data: TaskCells, val_fraction: float, seed: int) -> tuple[TaskCells, TaskCells | None]:
-    """A fixed (seed) held-out fraction of cells for periodic evaluation; None when it rounds to 0."""
-    n_val = int(round(len(data) * val_fraction))
-    if n_val == 0:
-        return data, None
-    order = np.random.default_rng(seed).permutation(len(data))
-    return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
 
 
 def load_head(cls, cfg: RunConfig, new_backbone_keys: tuple[str, ...] = (), **config_fields):

@@ -9,6 +9,7 @@ An entry names everything a task is made of, as "module:attribute" strings resol
     run        run(cfg, resume=False, adatas=None) -> TrainResult: the whole `fm finetune` job
     inference  its public functions, exported lazily as fm.<name>
     eval       its benchmark module for `fm eval` (fm/eval/tasks/<task>.py)
+    recipe     its default fine-tuning recipe (default: the shipped recipes/finetune/<task>.yaml)
 
 Every reader goes through here: fm.config (task.name → config class), fm.finetune / `fm finetune`
 (run), fm.load (head), `fm.<function>` (inference), the eval harness (eval). Adding a task is one
@@ -49,6 +50,7 @@ class Task:
     run: Any
     inference: tuple = ()
     eval: Any = None
+    recipe: Any = None
     legacy_heads: tuple[str, ...] = field(default=())
     """Former names of the head class, so checkpoints exported under them still load."""
 
@@ -59,6 +61,12 @@ class Task:
     def load(self, part: str):
         """The resolved object of one field ('config', 'head', 'collator', 'run', 'eval')."""
         return resolve(getattr(self, part))
+
+    def recipe_path(self):
+        """Path of the default fine-tuning recipe (a YAML path, or a shipped name such as 'finetune/cci')."""
+        from fm.paths import recipe_path
+
+        return recipe_path(str(self.recipe or f"finetune/{self.name}"))
 
     def functions(self) -> dict[str, Any]:
         """Public inference functions by name (unresolved references)."""
