@@ -47,10 +47,10 @@ class ScFMClassificationHead(nn.Module):
     """BatchNorm → dropout → Linear(D, D) → GELU → dropout → Linear(D, num_labels) on the cell embedding.
 
     The BatchNorm standardises each embedding dimension over cells: a pretrained <cls> embedding
-    has per-dimension offsets up to ~5 with spreads of 0.01-0.25 (measured on runs/eval_base), which
-    leaves a plain MLP badly conditioned — on pbmc3k a head-only probe reached validation macro-F1
-    0.44 without it and 0.57 with it in 300 steps (logistic regression on standardised
-    embeddings: 0.62). Running statistics make inference deterministic and batch-independent.
+    has large per-dimension offsets and small spreads, which leaves a plain MLP badly conditioned (a
+    head-only probe learned markedly faster with it; chosen on validation cells of the train split:
+    eval/RESULTS.md, "Hyper-parameter selection"). Running statistics make inference deterministic
+    and batch-independent.
     """
 
     def __init__(self, config: ScFMConfig):

@@ -13,8 +13,8 @@ The cell embedding should keep cell state and lose the batch. The objective is s
   gradient-reversal layer before the discriminator, so the backbone *maximises* the
   discriminator's cross-entropy; that objective has no optimum at chance — once the discriminator
   is at chance the backbone still gains by making it confidently wrong, i.e. by separating the
-  batches again. Measured (runs/eval_base on Kang, 300 steps, ecs_weight 0): dar_loss climbed
-  above log 4 and iLISI fell from 0.60 (zero-shot) to 0.001. The confusion target stops at chance;
+  batches again (on the eval_base checkpoint and Kang, dar_loss climbed above log K and batch mixing
+  collapsed below zero-shot: eval/RESULTS.md, "Hyper-parameter selection"). The confusion target stops at chance;
   each side's loss reaches only its own parameters (the discriminator sees a detached embedding,
   the backbone a detached discriminator). `task.adversary=reversal` gives scGPT's form for comparison;
 - ECS (elastic cell similarity): cosine similarities between the mini-batch's (centred) cell
@@ -48,8 +48,8 @@ def ecs_loss(cell: torch.Tensor, threshold: float) -> torch.Tensor:
     with cos_ij between embeddings centred on the mini-batch mean.
 
     Minimising it moves each similarity away from the threshold. Centring is our change: a
-    pretrained <cls> embedding is anisotropic (runs/eval_base: every pairwise cosine > 0.98 on
-    Kang), and on raw cosines scGPT's form then pulls every pair to 1 — a collapsed embedding.
+    pretrained <cls> embedding is anisotropic (pairwise cosines all close to 1), and on raw cosines
+    scGPT's form then pulls every pair to 1 — a collapsed embedding.
     Centred, similarities spread over [-1, 1] and only close pairs are pulled together.
     0 (in the graph) for a single cell.
     """

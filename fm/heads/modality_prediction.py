@@ -3,8 +3,8 @@
 Targets are per-cell CLR values of ADT counts (fm.tasks.modality_prediction.clr). The head regresses
 them *standardised per protein* (z = (clr - mean) / std, the train cells' mean and std kept in the
 config) and the model returns predictions back on the CLR scale. Why: proteins' CLR spreads differ
-about threefold (std 0.36 for CD56 to 1.18 for CD8 on the 1k-PBMC CITE-seq file), so plain MSE would
-weigh CD8 ~10x more than CD56; z-scored MSE weighs every protein equally, like the benchmark's main
+severalfold (CD56 vs CD8 on the 1k-PBMC CITE-seq file), so plain MSE would weigh the widest protein
+about an order of magnitude more than the narrowest; z-scored MSE weighs every protein equally, like the benchmark's main
 metric (per-protein Pearson), and a fresh head starts at the right scale (z = 0: each protein's mean).
 
 Config fields (written by fm.tasks.modality_prediction, so an exported directory is self-describing):
@@ -12,10 +12,9 @@ Config fields (written by fm.tasks.modality_prediction, so an exported directory
   protein_mean/std  per-protein CLR mean and std of the training cells (default 0 / 1: no scaling);
   isotype_controls  ADTs that entered the CLR mean but are never predicted (IgG/isotype controls);
   protein_key       obsm key the targets came from.
-Head input: the CLS cell embedding concatenated with the mean of the real genes' hidden states. On
-the 1k-PBMC file (eval_base checkpoint, 200 steps at lr 1e-3, one seed) that scored per-protein Pearson 0.53 vs
-0.48 for the CLS token alone; per-protein attention pooling over genes scored no better (0.59 vs
-0.60 at 300 steps) for more code, so the mean it is.
+Head input: the CLS cell embedding concatenated with the mean of the real genes' hidden states: it
+scored better than the CLS token alone, and per-protein attention pooling over genes no better for
+more code (seed-0 runs of eval/modality_prediction.yaml: eval/RESULTS.md, "Hyper-parameter selection").
 """
 from __future__ import annotations
 

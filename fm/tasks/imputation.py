@@ -140,7 +140,8 @@ def build_imputer(cfg: RunConfig) -> ScFMForImputation:
 def init_query_from_mvc(model: ScFMForImputation, directory: str | Path) -> bool:
     """Copy the pretraining mvc_head's query and W (same shapes, same role: gene query · cell; W times
     √D for the head's 1/√D) into the new head, so fine-tuning starts from a decoder that already
-    reads the cell embedding (pbmc3k MCV MSE 0.66 vs 0.70 from scratch, 150 steps). Skipped (False)
+    reads the cell embedding (chosen on seed-0 runs of eval/imputation.yaml: eval/RESULTS.md, "Hyper-parameter
+    selection"). Skipped (False)
     for checkpoints without one, or that already hold an imputation head."""
     from safetensors import safe_open
 
