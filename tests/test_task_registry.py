@@ -160,3 +160,15 @@ def test_every_registered_task_resolves(name):
     assert all(hasattr(eval_module, a) for a in ("METHODS", "prepare", "score", "MAIN_METRIC"))
     for legacy in task.legacy_heads:  # checkpoints exported under a former class name still load
         assert registry.task_for_head(legacy) is task
+
+
+def test_light_modules_import_no_torch():
+    """`import fm.binning` (and vocab, tokenizer, the task registry) pays for no torch / transformers /
+    accelerate: fm/__init__.py exports lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fm.binning, fm.vocab, fm.tokenizer, fm.tasks.registry, fm.config; "
+            "print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -81,3 +81,25 @@ def test_debug_recipe_learns_on_real_cells(tmp_path, pbmc_path, kang_path):
     assert last["loss"] <= 0.8 * first["loss"], (first["loss"], last["loss"])
     evals = (tmp_path / "eval_log.jsonl").read_text().splitlines()
     assert evals and "eval_gep_loss" in evals[-1]
+
+
+def test_weight_decay_is_chosen_by_module_type():
+    """AdamW decays ≥ 2-D weights of Linear layers only: every nn.Embedding (whatever its name — a
+    head's lookup table too) and every norm is left alone, and frozen tensors are in no group."""
+    import torch
+    from torch import nn
+
+    from fm.train import _param_groups
+
+    model = nn.ModuleDict({"proj": nn.Linear(4, 4), "niche_head": nn.ModuleDict({"base": nn.Embedding(3, 4)}),
+                           "mvc_batch_head": nn.Embedding(2, 4), "norm": nn.LayerNorm(4), "bn": nn.BatchNorm1d(4),
+                           "frozen": nn.Linear(4, 4)})
+    model["frozen"].requires_grad_(False)
+    decay, no_decay = _param_groups(model, 0.01)
+    assert [p for p in decay["params"]] == [model["proj"].weight] and decay["weight_decay"] == 0.01
+    ids = {id(p) for p in no_decay["params"]}
+    for p in (model["niche_head"]["base"].weight, model["mvc_batch_head"].weight, model["norm"].weight,
+              model["bn"].weight, model["proj"].bias):
+        assert id(p) in ids
+    assert not ({id(p) for p in model["frozen"].parameters()} & (ids | {id(p) for p in decay["params"]}))
+    assert no_decay["weight_decay"] == 0.0 and isinstance(decay["params"][0], torch.nn.Parameter)
