@@ -66,7 +66,8 @@ def _run_batched(adata, model, fn, width: int, batch_size: int, chunk_size: int,
     if tokenizer is None:
         raise ValueError("model has no cell_tokenizer: load it with fm.load(directory)")
     config = model.config
-    collator = CellCollator(n_bins=config.n_bins, max_genes=config.max_genes, train=False,
+    collator = CellCollator(n_bins=config.n_bins, value_encoding=config.value_encoding,
+                            max_genes=config.max_genes, train=False,
                             pad_token_id=config.pad_token_id, zero_fraction=getattr(config, "zero_fraction", 0.0))
     out = np.zeros((adata.n_obs, width), dtype=np.float32)
     keep = np.zeros(adata.n_obs, dtype=bool)
