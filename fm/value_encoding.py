@@ -19,7 +19,8 @@ the model's `nn.Embedding(n_bins + 2, d)` table. The continuous encoding uses ne
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -39,7 +40,10 @@ def check_n_bins(n_bins, what: str = "n_bins") -> int:
 
 @runtime_checkable
 class ValueEncoding(Protocol):
-    """What the collator, the model config and the pretraining loss need from an encoding."""
+    """What the collator, the model config and the pretraining loss need from an encoding.
+
+    Discrete encodings also give `n_tokens`, the rows of the model's value embedding table.
+    """
 
     name: str  # the config / serialisation name, a key of VALUE_ENCODINGS
     n_bins: int
@@ -54,14 +58,16 @@ class ValueEncoding(Protocol):
         """Regression target of the GEP/MVC losses from true values (numpy array or torch tensor)."""
 
 
+@dataclass(frozen=True)
 class _Discrete:
     """Shared part of the discrete encodings: ids 0..n_bins-1, then <mask>, then <pad>."""
 
-    name = ""
-    discrete = True
+    n_bins: int = 51
+    name: ClassVar[str] = ""
+    discrete: ClassVar[bool] = True
 
-    def __init__(self, n_bins: int = 51):
-        self.n_bins = check_n_bins(n_bins)
+    def __post_init__(self):
+        check_n_bins(self.n_bins)
 
     @property
     def mask_value_id(self) -> int:
@@ -80,22 +86,18 @@ class _Discrete:
         """Levels scaled to [0, 1] (labels / (n_bins - 1)): the MSE starts at O(0.1) whatever n_bins is."""
         return labels / (self.n_bins - 1)
 
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self) and other.n_bins == self.n_bins
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(n_bins={self.n_bins})"
-
-
+@dataclass(frozen=True)
 class BinEncoding(_Discrete):
     """scGPT's per-cell quantile bins (fm.binning.bin_csr, deterministic tie rule)."""
 
-    name = "bins"
+    name: ClassVar[str] = "bins"
 
     def encode(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return bin_csr(indptr, counts, self.n_bins)
 
 
+@dataclass(frozen=True)
 class RankEncoding(_Discrete):
     """Geneformer's rank-value encoding, quantised into the bins' levels 1..K (K = n_bins - 1).
 
@@ -108,7 +110,7 @@ class RankEncoding(_Discrete):
     order is by count; unlike bins, equal counts get distinct ranks (as in Geneformer).
     """
 
-    name = "rank"
+    name: ClassVar[str] = "rank"
 
     def encode(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
         counts = np.asarray(counts)
@@ -125,6 +127,7 @@ class RankEncoding(_Discrete):
         return out
 
 
+@dataclass(frozen=True)
 class ContinuousEncoding:
     """log1p(count / cell total * 1e4) as float32 (scanpy's normalize_total(1e4) + log1p).
 
@@ -134,14 +137,15 @@ class ContinuousEncoding:
     sentinels -1.0 / -2.0, which the model's continuous value encoder replaces by learned vectors.
     """
 
-    name = "continuous"
-    discrete = False
-    mask_value_id = -1.0
-    pad_value_id = -2.0
-    target_sum = 1e4
+    n_bins: int = 51  # unused by the values; kept so a config's n_bins round-trips unchanged
+    name: ClassVar[str] = "continuous"
+    discrete: ClassVar[bool] = False
+    mask_value_id: ClassVar[float] = -1.0
+    pad_value_id: ClassVar[float] = -2.0
+    target_sum: ClassVar[float] = 1e4
 
-    def __init__(self, n_bins: int = 51):
-        self.n_bins = check_n_bins(n_bins)  # unused by the values; kept so configs round-trip unchanged
+    def __post_init__(self):
+        check_n_bins(self.n_bins)
 
     def encode(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
         counts = np.asarray(counts, np.float64)
@@ -152,12 +156,6 @@ class ContinuousEncoding:
 
     def target(self, labels):
         return labels
-
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self) and other.n_bins == self.n_bins
-
-    def __repr__(self) -> str:
-        return f"ContinuousEncoding(n_bins={self.n_bins})"
 
 
 VALUE_ENCODINGS = {cls.name: cls for cls in (BinEncoding, RankEncoding, ContinuousEncoding)}
