@@ -105,9 +105,9 @@ class RankEncoding(_Discrete):
     ties by position in the row: rows are stored gene-sorted, so by gene id, the tie rule of
     `fm.binning.rank_value_encode`); the gene at rank r (0 = most expressed) gets level
     ``K - (r * K) // m``. So the top gene is always K, levels fall with rank, each level holds
-    m/K genes (one level per gene spread evenly over 1..K when m < K), and zeros stay 0. Within
-    one cell Geneformer's median normalisation is a per-gene factor, so without corpus medians the
-    order is by count; unlike bins, equal counts get distinct ranks (as in Geneformer).
+    m/K genes (one level per gene spread evenly over 1..K when m < K), and zeros stay 0. No corpus
+    gene medians are used (Geneformer divides by them), so the order is `rank_value_encode`'s with
+    unit medians (tested); unlike bins, equal counts get distinct levels, as in Geneformer.
     """
 
     name: ClassVar[str] = "rank"
