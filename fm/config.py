@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from fm.paths import data_dir
+from fm.value_encoding import MIN_N_BINS, VALUE_ENCODINGS
 
 
 @dataclass
@@ -48,8 +49,9 @@ class ModelConfig:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"model.pooling must be 'cls' or 'mean', got {self.pooling!r}")
-        if self.n_bins < 3:
-            raise ValueError(f"model.n_bins must be >= 3, got {self.n_bins}")
+        if self.n_bins < MIN_N_BINS:
+            raise ValueError(f"model.n_bins must be >= {MIN_N_BINS} (targets are scaled by n_bins - 1), "
+                             f"got {self.n_bins}")
 
 
 @dataclass
@@ -66,6 +68,8 @@ class DataConfig:
     """obs columns that become condition tokens (e.g. batch, assay)."""
     max_genes: int = 1200
     """Gene tokens per cell; cells with more expressed genes are subsampled (scGPT: 1200)."""
+    value_encoding: str = "bins"
+    """Counts → values (fm.value_encoding): 'bins' (scGPT quantiles), 'rank' (Geneformer), 'continuous' (log1p); init_from keeps its own."""
     mask_ratio: float = 0.4
     """Fraction of a cell's gene tokens whose value is masked for pretraining."""
     zero_fraction: float = 0.25
@@ -90,6 +94,9 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_genes < 1:
             raise ValueError(f"data.max_genes must be >= 1, got {self.max_genes}")
+        if self.value_encoding not in VALUE_ENCODINGS:
+            raise ValueError(f"data.value_encoding must be one of {sorted(VALUE_ENCODINGS)}, "
+                             f"got {self.value_encoding!r}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from fm.value_encoding import VALUE_ENCODINGS, ValueEncoding, check_n_bins, get_value_encoding
+
 POOLINGS = ("cls", "mean")
 
 
@@ -27,6 +29,7 @@ class ScFMConfig(PretrainedConfig):
         self,
         vocab_size: int = 136_000,  # gene vocab incl. special tokens; the tokenizer sets the real size
         n_bins: int = 51,  # value tokens 0..n_bins-1 are expression bins (0 = not expressed), as scGPT
+        value_encoding: str = "bins",  # counts -> values: "bins" | "rank" | "continuous" (fm.value_encoding)
         d_model: int = 512,  # hidden size, scGPT's
         n_layers: int = 12,  # transformer blocks, scGPT's
         n_heads: int = 8,  # attention heads (head dim 64 at d_model 512)
@@ -71,6 +74,7 @@ class ScFMConfig(PretrainedConfig):
     ):
         self.vocab_size = int(vocab_size)
         self.n_bins = int(n_bins)
+        self.value_encoding = str(value_encoding)
         self.d_model = int(d_model)
         self.n_layers = int(n_layers)
         self.n_heads = int(n_heads)
@@ -126,8 +130,10 @@ class ScFMConfig(PretrainedConfig):
             raise ValueError(f"every condition vocab size must be >= 1 (id 0 = unknown), got {self.condition_vocab_sizes}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2 (targets are scaled by n_bins - 1), got {self.n_bins}")
+        check_n_bins(self.n_bins)
+        if self.value_encoding not in VALUE_ENCODINGS:
+            raise ValueError(f"value_encoding must be one of {sorted(VALUE_ENCODINGS)}, "
+                             f"got {self.value_encoding!r}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -140,14 +146,19 @@ class ScFMConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
-    def mask_value_id(self) -> int:
-        """Value token of a masked gene (the model must predict its bin)."""
-        return self.n_bins
+    def encoding(self) -> ValueEncoding:
+        """The value encoding the collator must use with this model (built from value_encoding, n_bins)."""
+        return get_value_encoding(self.value_encoding, self.n_bins)
 
     @property
-    def pad_value_id(self) -> int:
-        """Value token at padding positions."""
-        return self.n_bins + 1
+    def mask_value_id(self) -> int | float:
+        """Value of a masked gene (the model must predict it); defined by the encoding."""
+        return self.encoding.mask_value_id
+
+    @property
+    def pad_value_id(self) -> int | float:
+        """Value at padding positions; defined by the encoding."""
+        return self.encoding.pad_value_id
 
     @property
     def n_prefix(self) -> int:

@@ -33,8 +33,8 @@ def inference_collator(model):
     from fm.data.collator import CellCollator
 
     config = model.config
-    return CellCollator(n_bins=config.n_bins, max_genes=config.max_genes, train=False,
-                        pad_token_id=config.pad_token_id, zero_fraction=config.zero_fraction)
+    return CellCollator(n_bins=config.n_bins, value_encoding=config.value_encoding, max_genes=config.max_genes,
+                        train=False, pad_token_id=config.pad_token_id, zero_fraction=config.zero_fraction)
 
 
 def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, width: int, batch_size: int = 64,

@@ -23,19 +23,49 @@ from .configuration_scfm import ScFMConfig
 # Embeddings
 
 
+class ScFMContinuousValueEncoder(nn.Module):
+    """scGPT's ContinuousValueEncoder for float values: Linear(1, D) -> ReLU -> Linear(D, D) -> LayerNorm.
+
+    Masked and padded positions carry the encoding's negative sentinels (mask_value_id = -1.0,
+    pad_value_id = -2.0; real values are log1p >= 0) in the same `values` tensor, so the batch
+    format is the discrete encodings'; those positions get a learned vector (`special`: row 0
+    <mask>, row 1 <pad>) instead of the MLP of a meaningless number.
+    """
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        self.mask_value, self.pad_value = config.mask_value_id, config.pad_value_id
+        self.fc1 = nn.Linear(1, config.d_model)
+        self.fc2 = nn.Linear(config.d_model, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.special = nn.Embedding(2, config.d_model)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = values.clamp(min=0).unsqueeze(-1).to(self.fc1.weight.dtype)  # (B, L, 1)
+        h = self.norm(self.fc2(F.relu(self.fc1(x))))
+        special = (values == self.mask_value) | (values == self.pad_value)
+        learned = self.special((values == self.pad_value).long())  # through forward: ZeRO-3 gathers it
+        return torch.where(special.unsqueeze(-1), learned.to(h.dtype), h)
+
+
 class ScFMEmbeddings(nn.Module):
     """Token embeddings of [<cls>, conditions, genes]: gene + value embedding for gene tokens.
 
     Prefix tokens carry no expression value, so they get no value embedding: <cls> is the gene
     embedding of `cls_token_id`, a condition token is a row of its own table (id 0 = unknown).
+    The value embedding follows config.value_encoding: a table of value ids for the discrete
+    encodings (bins, rank), `ScFMContinuousValueEncoder` for "continuous".
     """
 
     def __init__(self, config: ScFMConfig):
         super().__init__()
         self.config = config
         self.gene = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
-        # n_bins bins + <mask> value (n_bins) + <pad> value (n_bins + 1)
-        self.value = nn.Embedding(config.n_bins + 2, config.d_model)
+        encoding = config.encoding
+        if encoding.discrete:  # n_bins levels + <mask> value (n_bins) + <pad> value (n_bins + 1)
+            self.value = nn.Embedding(encoding.n_tokens, config.d_model)
+        else:
+            self.value = ScFMContinuousValueEncoder(config)
         # one table per condition key, in config.condition_keys order (names conditions.0, .1, …)
         self.conditions = nn.ModuleList(nn.Embedding(n, config.d_model) for n in config.condition_vocab_sizes)
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -211,7 +241,8 @@ class ScFMModel(ScFMPreTrainedModel):
         masked_positions: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> ScFMModelOutput | tuple:
-        """gene_ids, values: (B, L) long (gene tokens only; padding = pad_token_id / pad_value_id);
+        """gene_ids: (B, L) long, values: (B, L) long ids or float (continuous encoding), gene tokens
+        only (padding = pad_token_id / pad_value_id);
         attention_mask: (B, L), 1 = real gene (default gene_ids != pad); condition_ids: (B, C) long;
         masked_positions: (B, L) bool, only read for the generative attention mask."""
         if attention_mask is None:
@@ -242,7 +273,8 @@ class ScFMModel(ScFMPreTrainedModel):
 @dataclass
 class ScFMMaskedExpressionOutput(ModelOutput):
     """loss = gep_loss + mvc_loss (when labels given); expression / mvc_expression (B, L) are
-    predictions of labels / (n_bins - 1), i.e. on the [0, 1] scale."""
+    predictions of config.encoding.target(labels): labels / (n_bins - 1), on the [0, 1] scale,
+    for the discrete encodings; the log1p-normalised value itself for "continuous"."""
 
     loss: torch.FloatTensor | None = None
     gep_loss: torch.FloatTensor | None = None
@@ -279,7 +311,7 @@ def prepare_masks(config: ScFMConfig, gene_ids: torch.Tensor, values: torch.Tens
 
 class ScFMExpressionHead(nn.Sequential):
     """scGPT's GEP decoder: Linear(D, D) → GELU → Linear(D, 1) on each gene's hidden state → its
-    expression on the labels / (n_bins - 1) scale. (A Sequential, so the keys stay `0.*` / `2.*`.)"""
+    expression on the scale of config.encoding.target(labels). (A Sequential, so the keys stay `0.*` / `2.*`.)"""
 
     def __init__(self, config: ScFMConfig):
         super().__init__(nn.Linear(config.d_model, config.d_model), nn.GELU(), nn.Linear(config.d_model, 1))
@@ -305,8 +337,9 @@ class ScFMMVCHead(nn.Module):
 class ScFMForMaskedExpression(ScFMPreTrainedModel):
     """Backbone + GEP head (expression from each gene's hidden state) + optional MVC head.
 
-    Targets are the true bins scaled to [0, 1] (labels / (n_bins - 1)), so the MSE starts at
-    O(0.1) whatever n_bins is and both losses are on the same scale.
+    Targets come from the value encoding (`config.encoding.target`): the true bins/levels scaled
+    to [0, 1] (labels / (n_bins - 1)), so the MSE starts at O(0.1) whatever n_bins is and both
+    losses are on the same scale; for "continuous" the true log1p-normalised values.
     """
 
     def __init__(self, config: ScFMConfig):
@@ -326,7 +359,7 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
         labels: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> ScFMMaskedExpressionOutput | tuple:
-        """labels: (B, L) true bin of every gene token; masked_positions: (B, L) bool, the
+        """labels: (B, L) true value of every gene token; masked_positions: (B, L) bool, the
         positions scored by the loss (default: values == mask_value_id)."""
         attention_mask, masked_positions = prepare_masks(self.config, gene_ids, values, attention_mask,
                                                          masked_positions)
@@ -338,7 +371,7 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
 
         loss = gep_loss = mvc_loss = None
         if labels is not None:
-            target = labels.to(expression.dtype) / (self.config.n_bins - 1)
+            target = self.config.encoding.target(labels.to(expression.dtype))
             loss = gep_loss = masked_mse(expression, target, masked_positions)
             if mvc_expression is not None:
                 mvc_loss = masked_mse(mvc_expression, target, masked_positions)
@@ -372,6 +405,7 @@ register_auto_classes()
 
 __all__ = [
     "ScFMConfig",
+    "ScFMContinuousValueEncoder",
     "ScFMPreTrainedModel",
     "ScFMModel",
     "ScFMModelOutput",

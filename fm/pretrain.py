@@ -30,9 +30,9 @@ def build_model(cfg: RunConfig, tokenizer: CellTokenizer) -> ScFMForMaskedExpres
     if cfg.model.init_from:
         return ScFMForMaskedExpression.from_pretrained(cfg.model.init_from)
     m = cfg.model
-    config = ScFMConfig(vocab_size=len(tokenizer.vocab), n_bins=m.n_bins, d_model=m.d_model, n_layers=m.n_layers,
-                        n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout, max_genes=cfg.data.max_genes,
-                        condition_keys=tokenizer.condition_keys,
+    config = ScFMConfig(vocab_size=len(tokenizer.vocab), n_bins=m.n_bins, value_encoding=cfg.data.value_encoding,
+                        d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout,
+                        max_genes=cfg.data.max_genes, condition_keys=tokenizer.condition_keys,
                         condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=m.pooling, mvc=m.mvc,
                         generative_mask=m.generative_mask, zero_fraction=cfg.data.zero_fraction)
     torch.manual_seed(cfg.train.seed)  # same seed, same initial weights
@@ -100,7 +100,8 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
         log.info("%d training cells, %d held out; model %.2fM parameters",
                  int(train_cells.train_counts.sum()) if corpus is not None else len(train_cells),
                  0 if val_cells is None else len(val_cells), n_params / 1e6)
-    collator = CellCollator(n_bins=model.config.n_bins, max_genes=cfg.data.max_genes,
+    collator = CellCollator(n_bins=model.config.n_bins, value_encoding=model.config.value_encoding,
+                            max_genes=cfg.data.max_genes,
                             mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed,
                             pad_token_id=model.config.pad_token_id, zero_fraction=model.config.zero_fraction)
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells,

@@ -1,7 +1,7 @@
 """CellTokenizer: AnnData genes → vocabulary ids, raw-count validation, condition tokens.
 
-A cell is stored sparse and untouched (vocab gene ids + raw counts); binning and gene sampling
-happen later in the collator, per cell, so one tokenised corpus serves every epoch and seed.
+A cell is stored sparse and untouched (vocab gene ids + raw counts); value encoding (fm.value_encoding)
+and gene sampling happen later in the collator, per cell, so one tokenised corpus serves every epoch and seed.
 Everything that can go wrong with a user's file is checked here, before anything is written.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from fm.binning import bin_csr
 from fm.vocab import GeneVocab
 
 log = logging.getLogger("fm")
@@ -243,10 +242,6 @@ class CellTokenizer:
         if not parts:
             raise ValueError(f"{source or 'input'}: the AnnData has no cells")
         return EncodedCells.concat(parts)
-
-    def bin(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Per-cell scGPT bins of CSR values (deterministic)."""
-        return bin_csr(indptr, counts, self.n_bins)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:

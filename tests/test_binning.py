@@ -3,7 +3,6 @@ Geneformer V1 rank-value encoding against the geneformer_tiny fixture."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -273,20 +272,3 @@ def test_rank_value_encode_reproduces_geneformer_fixture():
         v = row[c] / n_counts[i] * 10_000 / gene_medians[c]
         n_ties += int((v[1:] == v[:-1]).sum())
     print(f"geneformer fixture: {n} cells reproduced exactly; adjacent equal values (ties): {n_ties}")
-
-
-# ------------------------------------------------------------------------ speed (reported, not asserted)
-def test_speed_vs_reference_loop():
-    X = _real_counts(PBMC, 2000)
-    dense = X.toarray()
-    rng = np.random.default_rng(0)
-    t_vec = min(_timed(lambda: bin_csr(X.indptr, X.data)) for _ in range(3))
-    t_loop = _timed(lambda: [scgpt_binning_reference(r, rng=rng) for r in dense])
-    print(f"bin_csr on {X.shape[0]} cells ({X.nnz} entries): {t_vec * 1e3:.1f} ms; "
-          f"scGPT reference loop over dense rows: {t_loop * 1e3:.1f} ms; speed-up {t_loop / t_vec:.1f}x")
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0

@@ -5,6 +5,7 @@ import torch
 
 from fm.data.collator import CellCollator
 from fm.tokenizer import CellTokenizer
+from fm.value_encoding import BinEncoding
 
 
 @pytest.fixture()
@@ -55,9 +56,8 @@ def test_inference_keeps_most_expressed_genes(cells):
 
 
 def test_bins_are_computed_over_the_whole_cell(cells):
-    tok = CellTokenizer()
     row = cells[3]
-    full_bins = tok.bin(np.array([0, len(row["counts"])]), row["counts"])
+    full_bins = BinEncoding(51).encode(np.array([0, len(row["counts"])]), row["counts"])
     batch = CellCollator(max_genes=16, train=False)([row])
     chosen = batch["gene_ids"][0][batch["attention_mask"][0]].numpy()
     expected = full_bins[np.searchsorted(row["gene_ids"], chosen)]

@@ -76,7 +76,7 @@ def test_head_init_from_pretrained_shapes_and_ignored_labels(tiny_model_dir, pbm
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(out.logits[keep], partial[keep]))
     none = model(**{**batch, "labels": torch.full_like(partial, IGNORE_INDEX)}).loss
     assert float(none.detach()) == 0.0 and none.requires_grad
-    with pytest.raises(ValueError, match="masked bins"):
+    with pytest.raises(ValueError, match="masked values"):
         LabeledCellCollator(train=True)
     proteins = LabeledCellCollator(n_bins=51, max_genes=32, targets={"y": "targets"})(
         [dict(r, y=np.arange(3, dtype=np.float64)) for r in (_rows(tiny_model_dir, adata=pbmc_small[:4]))])

@@ -1,4 +1,4 @@
-"""Batch a list of sparse cells into model inputs: bin, choose genes, mask, pad — vectorised.
+"""Batch a list of sparse cells into model inputs: encode values, choose genes, mask, pad — vectorised.
 
 Randomness (which genes a long cell keeps, which values are masked) comes from a counter-based
 hash of (seed, epoch, cell index, position), not from a stateful RNG. So a cell gets the same
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fm.binning import bin_csr
+from fm.value_encoding import ValueEncoding, get_value_encoding
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
@@ -69,14 +69,17 @@ class CellCollator:
     """rows of {gene_ids, counts, conditions, index[, panel]} → padded tensors for ScFM models.
 
     train=True: long cells keep a random subset of their expressed genes and `mask_ratio` of each
-    cell's tokens are masked (labels = true bins). train=False: long cells keep their most
+    cell's tokens are masked (labels = true values). train=False: long cells keep their most
     expressed genes (ties by gene id) and nothing is masked — deterministic inference.
     zero_fraction > 0 (and a row `panel`: the sorted vocab ids its dataset measured) reserves that
-    share of `max_genes` for measured-but-unexpressed genes (value bin 0), as scGPT does with
+    share of `max_genes` for measured-but-unexpressed genes (value 0), as scGPT does with
     include_zero_gene: predicting which genes are off is what ties the cell embedding to cell state.
+    value_encoding (a name in fm.value_encoding.VALUE_ENCODINGS, built with n_bins, or an encoding
+    object) turns counts into values; the default "bins" is scGPT's per-cell binning.
     """
 
     n_bins: int = 51
+    value_encoding: str | ValueEncoding = "bins"
     max_genes: int = 1200
     mask_ratio: float = 0.4
     train: bool = True
@@ -87,12 +90,17 @@ class CellCollator:
     epoch: int = 0
 
     @property
-    def mask_value_id(self) -> int:
-        return self.n_bins
+    def encoding(self) -> ValueEncoding:
+        """The encoding object (built on use: subclasses need no __post_init__ chaining)."""
+        return get_value_encoding(self.value_encoding, self.n_bins)
 
     @property
-    def pad_value_id(self) -> int:
-        return self.n_bins + 1
+    def mask_value_id(self) -> int | float:
+        return self.encoding.mask_value_id
+
+    @property
+    def pad_value_id(self) -> int | float:
+        return self.encoding.pad_value_id
 
     def _zero_genes(self, rows: list[dict], n_zero: np.ndarray, genes: np.ndarray, indptr: np.ndarray) -> np.ndarray:
         """`n_zero[i]` measured genes cell i does not express, concatenated in row order.
@@ -172,7 +180,8 @@ class CellCollator:
         genes = np.concatenate([r["gene_ids"] for r in rows]).astype(np.int64)
         counts = np.concatenate([r["counts"] for r in rows]).astype(np.float32)
         cell_index = np.array([r["index"] for r in rows], dtype=np.int64)
-        bins = bin_csr(indptr, counts, self.n_bins).astype(np.int64)  # over the whole cell, before sampling
+        encoding = self.encoding
+        encoded = encoding.encode(indptr, counts)  # over the whole cell, before sampling
 
         zero_slots = int(round(self.zero_fraction * self.max_genes))
         n_zero = np.array([min(zero_slots, max(len(r.get("panel", ())) - n, 0)) if zero_slots else 0
@@ -196,13 +205,13 @@ class CellCollator:
         c = np.concatenate([rank[keep], np.arange(zero_rows.size) - np.repeat(np.cumsum(n_zero) - n_zero, n_zero)
                             + kept_expressed[zero_rows]])
         g = np.concatenate([genes[keep]] + zeros) if zeros else genes[keep]
-        b = np.concatenate([bins[keep], np.zeros(zero_rows.size, np.int64)])
+        b = np.concatenate([encoded[keep], np.zeros(zero_rows.size, encoded.dtype)])
 
         kept = kept_expressed + n_zero
         width = max(int(kept.max(initial=1)), 1)
         width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         gene_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
-        values = np.full((len(rows), width), self.pad_value_id, dtype=np.int64)
+        values = np.full((len(rows), width), encoding.pad_value_id, dtype=encoded.dtype)
         labels = np.zeros((len(rows), width), dtype=np.float32)
         attention_mask = np.zeros((len(rows), width), dtype=bool)
         gene_ids[r, c], values[r, c], labels[r, c], attention_mask[r, c] = g, b, b, True
@@ -215,7 +224,7 @@ class CellCollator:
             _, mrank = _rank_within_rows(r, mkey)
             masked = np.zeros_like(attention_mask)
             masked[r, c] = mrank < n_mask[r]
-            values[masked] = self.mask_value_id
+            values[masked] = encoding.mask_value_id
             batch.update(masked_positions=masked, labels=labels)
         return {k: torch.from_numpy(v) for k, v in batch.items()}
 
@@ -232,7 +241,7 @@ class LabeledCellCollator(CellCollator):
     `labels` (B,) long; a float vector per cell (e.g. protein abundances) becomes (B, P) float32.
     Genes are chosen as at inference (train=False by default: most expressed genes, no value
     masking), so a fine-tuned head sees cells exactly as fm.annotate / fm.predict_protein show them.
-    train=True keeps pretraining's masking (masked bins in `labels`), so targets must then use other
+    train=True keeps pretraining's masking (masked values in `labels`), so targets must then use other
     batch keys.
     """
 
@@ -241,7 +250,7 @@ class LabeledCellCollator(CellCollator):
 
     def __post_init__(self):
         if self.train and "labels" in self.targets.values():
-            raise ValueError("with train=True the batch key 'labels' holds the masked bins; name the targets "
+            raise ValueError("with train=True the batch key 'labels' holds the masked values; name the targets "
                              f"otherwise (targets={self.targets})")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -177,7 +177,7 @@ class ScFMForBatchCorrection(ScFMPreTrainedModel):
             return result if return_dict else result.to_tuple()
 
         known = None if batch_labels is None else batch_labels.to(cell.device).long()
-        target = labels.to(cell.dtype) / (self.config.n_bins - 1)
+        target = self.config.encoding.target(labels.to(cell.dtype))
         expression = self.gep_head(out.gene_hidden_states)  # (B, L)
         result.gep_loss = loss = masked_mse(expression, target, masked_positions)
         if self.mvc_head is not None:

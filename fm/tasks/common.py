@@ -176,7 +176,8 @@ def train_task(model, tokenizer: CellTokenizer, train_cells, val_cells, collator
 
 def collator_kwargs(model, cfg: RunConfig) -> dict:
     """The CellCollator settings a fine-tuned model is trained and used with (from its own config)."""
-    return dict(n_bins=model.config.n_bins, max_genes=cfg.data.max_genes, seed=cfg.train.seed,
+    return dict(n_bins=model.config.n_bins, value_encoding=model.config.value_encoding,
+                max_genes=cfg.data.max_genes, seed=cfg.train.seed,
                 pad_token_id=model.config.pad_token_id, zero_fraction=model.config.zero_fraction)
 
 
