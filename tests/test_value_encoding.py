@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fm
-from fm.binning import bin_csr, rank_value_encode
+from fm.binning import rank_value_encode
 from fm.config import DataConfig, ModelConfig, load_config
 from fm.configuration_scfm import ScFMConfig
 from fm.data.collator import CellCollator
