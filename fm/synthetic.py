@@ -33,11 +33,13 @@ class SyntheticModel:
     @classmethod
     def draw(cls, n_genes: int = 2000, n_types: int = 5, n_batches: int = 2, seed: int = 0,
              dispersion: float = 0.4, rng: np.random.Generator | None = None,
-             include: Sequence[str] = ()) -> "SyntheticModel":
+             include: Sequence[str] = (), de_sigma: float = 1.0) -> "SyntheticModel":
         """Random parameters; `rng` (if given) is advanced exactly as synthetic_anndata always did.
 
         `include`: human gene symbols that must be among the genes (e.g. ligands and receptors a
-        test asks for); the rest are drawn at random. Without it the draw is unchanged.
+        test asks for); the rest are drawn at random. Without it the draw is unchanged. `de_sigma`: the
+        log-scale spread of a type's fold changes on its ~10% program genes (larger = more distinct types,
+        as marker-driven PBMC types; the random stream does not depend on it).
         """
         rng = rng if rng is not None else np.random.default_rng(seed)
         vocab = GeneVocab.default()
@@ -55,7 +57,7 @@ class SyntheticModel:
         chosen = np.concatenate([forced, rng.choice(pool, n_genes - len(forced), replace=False)])
         genes = vocab.symbols[np.sort(chosen)]
         base = rng.lognormal(mean=-2.0, sigma=1.5, size=n_genes)  # a few high, many low genes
-        programs = base * rng.lognormal(0.0, 1.0, size=(n_types, n_genes)) ** (rng.random((n_types, n_genes)) < 0.1)
+        programs = base * rng.lognormal(0.0, de_sigma, size=(n_types, n_genes)) ** (rng.random((n_types, n_genes)) < 0.1)
         batch_effect = rng.lognormal(0.0, 0.3, size=(n_batches, n_genes))
         return cls(np.asarray(genes, dtype=object), programs, batch_effect, dispersion)
 
@@ -109,18 +111,19 @@ class SyntheticModel:
 
 def synthetic_anndata(n_cells: int = 800, n_genes: int = 2000, n_types: int = 5, n_batches: int = 2,
                       seed: int = 0, dispersion: float = 0.4, include: Sequence[str] = (),
-                      proteins: Sequence[str] = (), spatial: bool = False) -> ad.AnnData:
+                      proteins: Sequence[str] = (), spatial: bool = False, de_sigma: float = 1.0) -> ad.AnnData:
     """Raw-count AnnData with obs['cell_type'] and obs['batch'] (ground truth for checks).
 
     Options (each drawn after the counts, so the counts do not depend on them):
-    `include` gene symbols that must be among the genes; `proteins` names → obsm['protein_counts'],
+    `include` gene symbols that must be among the genes; `de_sigma` see SyntheticModel.draw; `proteins` names → obsm['protein_counts'],
     a DataFrame of CITE-seq-like antibody counts (negative binomial around a per-type level; names
     matching igg/isotype/control get one low level for every type, as isotype controls);
     `spatial` → obsm['spatial'], 2-D coordinates in [0, 100]² with cells of a type near that type's
     centre (so spatial neighbours share types, as in tissue).
     """
     rng = np.random.default_rng(seed)
-    model = SyntheticModel.draw(n_genes, n_types, n_batches, dispersion=dispersion, rng=rng, include=include)
+    model = SyntheticModel.draw(n_genes, n_types, n_batches, dispersion=dispersion, rng=rng, include=include,
+                                de_sigma=de_sigma)
     counts, cell_type, batch = model.sample(n_cells, rng)
     obs = pd.DataFrame({"cell_type": pd.Categorical([f"type_{t}" for t in cell_type]),
                         "batch": pd.Categorical([f"batch_{b}" for b in batch])},

@@ -48,7 +48,8 @@ def is_real(path: Path) -> bool:
 def _synthetic(n_cells: int, seed: int, **kw) -> ad.AnnData:
     from fm.synthetic import synthetic_anndata
 
-    return synthetic_anndata(n_cells=n_cells, n_genes=2000, include=SYNTHETIC_GENES, seed=seed, **kw)
+    # de_sigma 2: types as distinct as PBMC's marker-driven ones (the default 1.0 makes near-identical types)
+    return synthetic_anndata(n_cells=n_cells, n_genes=2000, include=SYNTHETIC_GENES, seed=seed, de_sigma=2.0, **kw)
 
 
 def _real_or_generated(tmp_path_factory, name: str, make) -> Path:

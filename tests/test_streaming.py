@@ -104,8 +104,8 @@ def test_synthetic_build_resumes_identically(tmp_path):
         assert (tmp_path / "full" / s["file"]).read_bytes() == (tmp_path / "cut" / s["file"]).read_bytes()
 
 
-def test_synthetic_fit_to_real_file(tmp_path, pbmc_path):
-    m = synth_corpus(tmp_path / "fit", 100, fit=pbmc_path, shard_size=100, chunk_size=50)
+def test_synthetic_fit_to_real_file(tmp_path, small_h5ad_path):
+    m = synth_corpus(tmp_path / "fit", 100, fit=small_h5ad_path, shard_size=100, chunk_size=50)
     src = m["sources"][0]
     assert m["n_cells"] > 90 and 0.01 < src["dispersion"] < 10 and 100 < src["library_mean"] < 10000
 
