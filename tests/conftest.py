@@ -131,7 +131,7 @@ def tiny_overrides(out: Path, paths: list[Path], steps: int = 20, **extra) -> li
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, small_h5ad_path) -> Path:
-    """A tiny model pretrained for 20 steps on small_h5ad_path's cells, exported (session-wide, ~10 s)."""
+    """A tiny model pretrained for 20 steps on small_h5ad_path's cells, exported (session-wide, seconds)."""
     from fm.config import load_config
     from fm.paths import recipe_path
     from fm.pretrain import run_pretraining

@@ -77,8 +77,8 @@ def test_head_shapes_standardised_loss(tiny_model_dir, pbmc_small):
 
 
 def test_loss_goes_down(tiny_model_dir, pbmc_path, pbmc_small):
-    """On PBMC's own cell types (real data only: the threshold was set on them; on the generated
-    stand-in the loss falls, but not to 0.7× in 8 steps)."""
+    """On PBMC's own cell types (real data only: PBMC_MARKERS names them, and the threshold was set on
+    them; the generated stand-in's types are not PBMC's)."""
     model, _ = _head(tiny_model_dir)
     batch = _batch(tiny_model_dir, pbmc_small[:48], _type_targets(pbmc_small[:48]))
     model.train()
