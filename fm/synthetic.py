@@ -114,10 +114,11 @@ def synthetic_anndata(n_cells: int = 800, n_genes: int = 2000, n_types: int = 5,
                       proteins: Sequence[str] = (), spatial: bool = False, de_sigma: float = 1.0) -> ad.AnnData:
     """Raw-count AnnData with obs['cell_type'] and obs['batch'] (ground truth for checks).
 
-    Options (each drawn after the counts, so the counts do not depend on them):
-    `include` gene symbols that must be among the genes; `de_sigma` see SyntheticModel.draw; `proteins` names → obsm['protein_counts'],
-    a DataFrame of CITE-seq-like antibody counts (negative binomial around a per-type level; names
-    matching igg/isotype/control get one low level for every type, as isotype controls);
+    `include`: gene symbols that must be among the genes; `de_sigma`: see SyntheticModel.draw.
+    Drawn after the counts (the counts do not depend on them):
+    `proteins` names → obsm['protein_counts'], a DataFrame of CITE-seq-like antibody counts (negative
+    binomial around a per-type level, scaled by the cell's library size; names matching
+    igg/isotype/control get one low level for every type, as isotype controls);
     `spatial` → obsm['spatial'], 2-D coordinates in [0, 100]² with cells of a type near that type's
     centre (so spatial neighbours share types, as in tissue).
     """
