@@ -9,6 +9,7 @@ seeded chunk at a time (deterministic, resumable, memory bounded by the chunk).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import anndata as ad
 import numpy as np
@@ -31,15 +32,32 @@ class SyntheticModel:
 
     @classmethod
     def draw(cls, n_genes: int = 2000, n_types: int = 5, n_batches: int = 2, seed: int = 0,
-             dispersion: float = 0.4, rng: np.random.Generator | None = None) -> "SyntheticModel":
-        """Random parameters; `rng` (if given) is advanced exactly as synthetic_anndata always did."""
+             dispersion: float = 0.4, rng: np.random.Generator | None = None,
+             include: Sequence[str] = (), de_sigma: float = 1.0) -> "SyntheticModel":
+        """Random parameters; `rng` (if given) is advanced exactly as synthetic_anndata always did.
+
+        `include`: human gene symbols that must be among the genes (e.g. ligands and receptors a
+        test asks for); the rest are drawn at random. Without it the draw is unchanged. `de_sigma`: the
+        log-scale spread of a type's fold changes on its ~10% program genes (larger = more distinct types,
+        as marker-driven PBMC types; the random stream does not depend on it).
+        """
         rng = rng if rng is not None else np.random.default_rng(seed)
         vocab = GeneVocab.default()
         coding = np.flatnonzero((vocab.species == "human") & (vocab.biotypes == "protein_coding"))
         _, first = np.unique(vocab.symbols[coding], return_index=True)  # one id per symbol
-        genes = vocab.symbols[np.sort(rng.choice(coding[first], n_genes, replace=False))]
+        pool = coding[first]
+        forced = pool[np.isin(vocab.symbols[pool], list(include))]
+        missing = sorted(set(include) - set(vocab.symbols[forced]))
+        if missing:
+            raise ValueError(f"include: not human protein-coding symbols of the vocabulary: {missing}")
+        if len(forced) > n_genes:
+            raise ValueError(f"include names {len(forced)} genes, more than n_genes={n_genes}")
+        if len(forced):
+            pool = pool[~np.isin(pool, forced)]
+        chosen = np.concatenate([forced, rng.choice(pool, n_genes - len(forced), replace=False)])
+        genes = vocab.symbols[np.sort(chosen)]
         base = rng.lognormal(mean=-2.0, sigma=1.5, size=n_genes)  # a few high, many low genes
-        programs = base * rng.lognormal(0.0, 1.0, size=(n_types, n_genes)) ** (rng.random((n_types, n_genes)) < 0.1)
+        programs = base * rng.lognormal(0.0, de_sigma, size=(n_types, n_genes)) ** (rng.random((n_types, n_genes)) < 0.1)
         batch_effect = rng.lognormal(0.0, 0.3, size=(n_batches, n_genes))
         return cls(np.asarray(genes, dtype=object), programs, batch_effect, dispersion)
 
@@ -92,12 +110,35 @@ class SyntheticModel:
 
 
 def synthetic_anndata(n_cells: int = 800, n_genes: int = 2000, n_types: int = 5, n_batches: int = 2,
-                      seed: int = 0, dispersion: float = 0.4) -> ad.AnnData:
-    """Raw-count AnnData with obs['cell_type'] and obs['batch'] (ground truth for checks)."""
+                      seed: int = 0, dispersion: float = 0.4, include: Sequence[str] = (),
+                      proteins: Sequence[str] = (), spatial: bool = False, de_sigma: float = 1.0) -> ad.AnnData:
+    """Raw-count AnnData with obs['cell_type'] and obs['batch'] (ground truth for checks).
+
+    `include`: gene symbols that must be among the genes; `de_sigma`: see SyntheticModel.draw.
+    Drawn after the counts (the counts do not depend on them):
+    `proteins` names → obsm['protein_counts'], a DataFrame of CITE-seq-like antibody counts (negative
+    binomial around a per-type level, scaled by the cell's library size; names matching
+    igg/isotype/control get one low level for every type, as isotype controls);
+    `spatial` → obsm['spatial'], 2-D coordinates in [0, 100]² with cells of a type near that type's
+    centre (so spatial neighbours share types, as in tissue).
+    """
     rng = np.random.default_rng(seed)
-    model = SyntheticModel.draw(n_genes, n_types, n_batches, dispersion=dispersion, rng=rng)
+    model = SyntheticModel.draw(n_genes, n_types, n_batches, dispersion=dispersion, rng=rng, include=include,
+                                de_sigma=de_sigma)
     counts, cell_type, batch = model.sample(n_cells, rng)
     obs = pd.DataFrame({"cell_type": pd.Categorical([f"type_{t}" for t in cell_type]),
                         "batch": pd.Categorical([f"batch_{b}" for b in batch])},
                        index=[f"cell_{i}" for i in range(n_cells)])
-    return ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=pd.Index(model.genes.astype(str), dtype=str)))
+    adata = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=pd.Index(model.genes.astype(str), dtype=str)))
+    if len(proteins):
+        names = list(proteins)
+        level = rng.lognormal(np.log(30.0), 1.0, size=(n_types, len(names)))  # per-type antibody level
+        control = np.array([any(k in n.lower() for k in ("igg", "isotype", "control")) for n in names])
+        level[:, control] = 3.0
+        mu = level[cell_type] * (counts.sum(1).A1 / model.library_mean)[:, None]  # scales with capture
+        adt = rng.poisson(rng.gamma(5.0, mu / 5.0)).astype(np.float64)
+        adata.obsm["protein_counts"] = pd.DataFrame(adt, index=adata.obs_names, columns=names)
+    if spatial:
+        centres = rng.uniform(15, 85, size=(n_types, 2))
+        adata.obsm["spatial"] = np.clip(centres[cell_type] + rng.normal(0, 12, size=(n_cells, 2)), 0, 100)
+    return adata

@@ -4,7 +4,7 @@ in-memory (ZeRO-sharded) model on every rank; rank 0 saves them for comparison w
 
     accelerate launch --config_file recipes/accelerate/zero3.yaml tests/dist_zero_embed.py OUT.npy FILE N [overrides]
 
-DeepSpeed on CPU JIT-compiles a shared-memory all-reduce kernel on first use (about 2 minutes on a
+DeepSpeed on CPU JIT-compiles a shared-memory all-reduce kernel on first use (minutes on a
 2-core machine, cached in ~/.cache/torch_extensions). Unless FM_TEST_DS_SHM=1 we skip that CPU-only
 fast path; DeepSpeed then runs its collectives through torch.distributed (gloo) — the path it takes
 wherever the kernel is unavailable, and the shape of the NCCL path on GPUs.

@@ -1,5 +1,9 @@
 """Batch correction (issue #6): ScFMForBatchCorrection (reconstruction + DAR + ECS), the batch
-condition token, `fm finetune` of the recipe, fm.integrate, bad batch input, the harness's fm_finetune row."""
+condition token, `fm finetune` of the recipe, fm.integrate, bad batch input, the harness's fm_finetune row.
+
+Data: `kang_small` / `batch_h5ad_path` (conftest): Kang 2018 with its 4 samples (ctrl101, ctrl107,
+stim101, stim107) as batches when the shared data is there, else generated cells in 4 batches with
+the same obs columns; the harness row needs the real CellBench file (Ensembl IDs)."""
 from __future__ import annotations
 
 import json
@@ -24,13 +28,9 @@ from fm.tokenizer import TOKENIZER_FILE, UNKNOWN_CONDITION, CellTokenizer
 RECIPE = "finetune/batch_correction"
 
 
-@pytest.fixture()
-def kang_small(kang_path) -> ad.AnnData:
-    """120 Kang cells from all 4 samples (batch_key 'sample'), in memory."""
-    a = ad.read_h5ad(kang_path)
-    rows = np.concatenate([np.flatnonzero(a.obs["sample"].astype(str).to_numpy() == s)[:30]
-                           for s in sorted(a.obs["sample"].astype(str).unique())])
-    return a[rows].copy()
+def _samples(adata) -> list[str]:
+    """The batches (obs['sample']) in sorted order: the order of the condition table."""
+    return sorted(set(adata.obs["sample"].astype(str)))
 
 
 def _cfg(tiny_model_dir, tmp_path, *extra):
@@ -51,7 +51,8 @@ def _model_and_batch(tiny_model_dir, tmp_path, adata, *extra):
 def test_head_shapes_condition_table_and_loss_terms(tiny_model_dir, kang_small, tmp_path):
     model, batch, tokenizer = _model_and_batch(tiny_model_dir, tmp_path, kang_small)
     assert tokenizer.condition_keys[-1] == "sample"
-    assert tokenizer.condition_categories["sample"] == [UNKNOWN_CONDITION, "ctrl101", "ctrl107", "stim101", "stim107"]
+    assert len(_samples(kang_small)) == 4
+    assert tokenizer.condition_categories["sample"] == [UNKNOWN_CONDITION, *_samples(kang_small)]
     assert model.config.condition_vocab_sizes[-1] == 5 and model.config.num_batches == 4
     assert model.config.batch_key == "sample" and model.config.n_prefix == 1 + len(tokenizer.condition_keys)
     pretrained = fm.load(tiny_model_dir)
@@ -143,23 +144,25 @@ def test_loss_goes_down(tiny_model_dir, kang_small, tmp_path, ecs_weight):
 # ----------------------------------------------------------------------------- fm finetune + fm.integrate
 
 @pytest.fixture(scope="module")
-def integrated(tiny_model_dir, tmp_path_factory):
-    """`fm finetune` of the shipped recipe (Kang, batch_key sample), shrunk to a few steps."""
+def integrated(tiny_model_dir, batch_h5ad_path, tmp_path_factory):
+    """`fm finetune` of the shipped recipe (batch_key sample) on batch_h5ad_path (the recipe's own Kang
+    file when present), shrunk to a few steps."""
     out = tmp_path_factory.mktemp("batch_correction")
     code = main(["finetune", RECIPE, f"model.init_from={tiny_model_dir}", f"train.output_dir={out}",
+                 f"data.paths=[{batch_h5ad_path}]",
                  "train.max_steps=4", "train.batch_size=16", "train.progress=false", "train.save_every=0",
                  "train.eval_every=0", "train.warmup_steps=1", "data.max_genes=64"])
     assert code == 0
     return out
 
 
-def test_finetune_exports_batch_condition_and_logs_every_term(integrated, tiny_model_dir):
+def test_finetune_exports_batch_condition_and_logs_every_term(integrated, tiny_model_dir, batch_h5ad_path):
     config = json.loads((integrated / "model" / "config.json").read_text())
     assert config["architectures"] == ["ScFMForBatchCorrection"]
     assert config["condition_keys"] == ["sample"] and config["condition_vocab_sizes"] == [5]
     assert config["batch_key"] == "sample" and config["ecs_weight"] == 0.0 and config["num_batches"] == 4
     tokenizer = json.loads((integrated / "model" / TOKENIZER_FILE).read_text())
-    assert tokenizer["condition_categories"]["sample"][1:] == ["ctrl101", "ctrl107", "stim101", "stim107"]
+    assert tokenizer["condition_categories"]["sample"][1:] == _samples(ad.read_h5ad(batch_h5ad_path, backed="r"))
     header = (integrated / "train_log.csv").read_text().splitlines()[0].split(",")
     assert {"loss", "gep_loss", "mvc_loss", "dar_loss", "confusion_loss", "ecs_loss"} <= set(header)
     model = fm.load(integrated / "model")
@@ -225,8 +228,9 @@ def test_missing_batch_column_names_file_and_column(tiny_model_dir, kang_small, 
 
 
 def test_single_batch_is_nothing_to_correct(tiny_model_dir, kang_small, tmp_path):
-    a = kang_small[kang_small.obs["sample"] == "ctrl101"].copy()
-    with pytest.raises(ValueError, match=r"single batch \['ctrl101'\] — nothing to correct.*task.batch_key"):
+    first = _samples(kang_small)[0]  # ctrl101 in Kang
+    a = kang_small[kang_small.obs["sample"] == first].copy()
+    with pytest.raises(ValueError, match=rf"single batch \['{first}'\] — nothing to correct.*task.batch_key"):
         run_batch_correction(_cfg(tiny_model_dir, tmp_path), adatas=a)
 
 
@@ -243,7 +247,7 @@ def test_missing_batch_values_are_an_error(tiny_model_dir, kang_small, tmp_path,
 
 def test_batch_dropout_is_deterministic_and_validated(tiny_model_dir, kang_small, tmp_path):
     cells = CellTokenizer(condition_keys=["sample"], condition_categories={
-        "sample": [UNKNOWN_CONDITION, "ctrl101", "ctrl107", "stim101", "stim107"]}).encode(kang_small)
+        "sample": [UNKNOWN_CONDITION, *_samples(kang_small)]}).encode(kang_small)
     rows = [cells[i] for i in range(len(cells))]
     collator = BatchCorrectionCollator(max_genes=32, batch_dropout=0.5)
     first, second = collator(rows), collator(rows)

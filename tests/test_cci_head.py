@@ -1,8 +1,10 @@
 """Cell–cell interaction (issue #6): the niche head ScFMForCCI, `fm finetune` of the cci
 recipe, fm.interactions (denoised and niche variants), bad input, and the harness's fm rows.
 
-Data: 200 real PBMC cells (human genes, as the tiny model's vocabulary) placed at seeded random
-positions — a spatial AnnData in shape, not a biological one."""
+Data: the first 200 cells of small_h5ad_path (real PBMC when the shared data is there, else the
+generated stand-in; human genes, as the tiny model's vocabulary) placed at seeded random positions —
+a spatial AnnData in shape, not a biological one. Their number of cell types (8 in PBMC's first 200)
+sets the niche-composition width and the number of sender × receiver pairs."""
 from __future__ import annotations
 
 import json
@@ -61,8 +63,8 @@ def _niche_model(tiny_model_dir, spatial, tmp_path):
 
 def test_niche_head_shapes_and_loss_goes_down(tiny_model_dir, spatial, tmp_path):
     model, batch, data, tokenizer = _niche_model(tiny_model_dir, spatial, tmp_path)
-    n_genes = spatial.n_vars
-    assert batch["labels"].shape == (32, n_genes) and batch["niche_composition"].shape == (32, 8)
+    n_genes, n_types = spatial.n_vars, spatial.obs["celltype"].nunique()
+    assert batch["labels"].shape == (32, n_genes) and batch["niche_composition"].shape == (32, n_types)
     torch.testing.assert_close(batch["niche_composition"].sum(1), torch.ones(32))
     # the niche of a receiver is the sum of its 4 neighbours' counts (never its own), vocabulary genes only
     neighbors = niche_graph(spatial.obsm["spatial"], 4)
@@ -95,9 +97,9 @@ def test_save_load_same_predictions(tiny_model_dir, spatial, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def niche_dir(tiny_model_dir, pbmc_path, tmp_path_factory):
+def niche_dir(tiny_model_dir, small_h5ad_path, tmp_path_factory):
     """`fm finetune recipes/finetune/cci.yaml` (shrunk) on a spatial h5ad file."""
-    a = ad.read_h5ad(pbmc_path)[:200].copy()
+    a = ad.read_h5ad(small_h5ad_path)[:200].copy()
     a.obs["celltype"] = a.obs["cell_type"].astype(str)
     a.obsm["spatial"] = np.random.default_rng(0).uniform(0, 100, size=(a.n_obs, 2))
     out = tmp_path_factory.mktemp("cci")
@@ -108,8 +110,10 @@ def niche_dir(tiny_model_dir, pbmc_path, tmp_path_factory):
 
 def test_finetune_cli_exports_niche_model(niche_dir):
     config = json.loads((niche_dir / "config.json").read_text())
+    types = sorted(set(ad.read_h5ad(niche_dir.parents[1] / "spatial.h5ad").obs["celltype"]))
     assert config["architectures"] == ["ScFMForCCI"] and config["spatial_key"] == "spatial"
-    assert config["n_neighbors"] == 4 and config["label_key"] == "celltype" and len(config["id2label"]) == 8
+    assert config["n_neighbors"] == 4 and config["label_key"] == "celltype"
+    assert len(config["id2label"]) == len(types) and sorted(config["id2label"].values()) == types
     log = pd.read_csv(niche_dir.parent / "train_log.csv")
     assert len(log) == 4 and np.isfinite(log["loss"]).all()
 
@@ -121,7 +125,8 @@ def test_interactions_denoised_fields_x_untouched(tiny_model_dir, spatial):
     assert (spatial.X != x).nnz == 0 and spatial.uns["fm_interactions"] is frame
     assert {"source", "target", "ligand_complex", "receptor_complex", "ligand_means", "receptor_means", "score",
             "pvalue", "rank"} <= set(frame.columns)
-    assert len(frame) == 8 * 8 * 5 and frame["rank"].tolist() == list(range(1, len(frame) + 1))
+    n_types = spatial.obs["celltype"].nunique()
+    assert len(frame) == n_types * n_types * 5 and frame["rank"].tolist() == list(range(1, len(frame) + 1))
     assert frame["pvalue"].between(1 / 21, 1).all() and (frame["score"] >= 0).all()
     assert frame["pvalue"].is_monotonic_increasing
     np.testing.assert_allclose(frame["score"], frame["ligand_means"] * frame["receptor_means"], rtol=1e-5)
@@ -165,6 +170,19 @@ def test_resource_genes_absent(tiny_model_dir, spatial, caplog):
         fm.interactions(spatial, model, groupby="celltype", resource=mouse)
     with pytest.raises(ValueError, match="'ligand' and 'receptor'"):
         load_resource(pd.DataFrame({"a": ["x"], "b": ["y"]}))
+
+
+def _shared_resource_table():
+    """The shared OmniPath table (<data dir>/lr/liana_omni_resource.csv), or skip naming its path."""
+    from fm.paths import data_dir
+    from fm.tasks.cci_scoring import RESOURCE_FILE
+
+    if not (data_dir() / RESOURCE_FILE).is_file():
+        pytest.skip(f"shared ligand–receptor table {data_dir() / RESOURCE_FILE} not found (set FM_DATA_DIR)")
+
+
+def test_unknown_resource_name_lists_the_available_ones():
+    _shared_resource_table()
     with pytest.raises(ValueError, match="not in .*available: .*mouseconsensus"):
         load_resource("mouse")
 
@@ -172,6 +190,7 @@ def test_resource_genes_absent(tiny_model_dir, spatial, caplog):
 def test_liana_resource_frames_are_accepted():
     """LIANA's bundled resources (offline) and the shared OmniPath table give the same pairs."""
     li = pytest.importorskip("liana")
+    _shared_resource_table()
     ours = load_resource("mouseconsensus")
     pd.testing.assert_frame_equal(load_resource(li.resource.select_resource("mouseconsensus")), ours)
 

@@ -1,5 +1,6 @@
-"""Corpus build on real files: every count-valued h5ad (human + mouse), exact round-trip, resume,
-bad inputs skipped or stopped with their path, no half-written shard; pretraining from a corpus."""
+"""Corpus build: every count-valued h5ad of the shared data (human + mouse; real data only), exact
+round-trip, resume, bad inputs skipped or stopped with their path, no half-written shard; pretraining
+from a corpus (these on the real small files when present, else conftest's generated stand-ins)."""
 import json
 import shutil
 
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import tiny_overrides
+from conftest import is_real, tiny_overrides
 from fm.cli import main
 from fm.config import load_config
 from fm.data.corpus import build_corpus, load_manifest
@@ -97,8 +98,10 @@ def test_rebuild_is_idempotent_and_other_params_refused(real_corpus, tmp_path):
         build_corpus([data_dir() / "h5ad"], real_corpus, gene_key="gene_ids", on_error="skip")
 
 
-def test_resumed_build_equals_uninterrupted(tmp_path, pbmc_path, kang_path):
-    kw = dict(conditions=["sample"], shard_size=700)
+def test_resumed_build_equals_uninterrupted(tmp_path, small_h5ad_path, batch_h5ad_path):
+    pbmc_path, kang_path = small_h5ad_path, batch_h5ad_path
+    # 6 shards either way: 2638 + 1556 real cells, or 600 + 400 generated ones
+    kw = dict(conditions=["sample"], shard_size=700 if is_real(pbmc_path) else 170)
     full = build_corpus([pbmc_path, kang_path], tmp_path / "full", **kw)
     calls = []
 
@@ -134,15 +137,16 @@ def _bad_inputs(tmp_path, pbmc_path):
     return tmp_path / "in"
 
 
-def test_bad_inputs_skip_and_stop(tmp_path, pbmc_path):
-    inputs = _bad_inputs(tmp_path, pbmc_path)
+def test_bad_inputs_skip_and_stop(tmp_path, small_h5ad_path):
+    inputs = _bad_inputs(tmp_path, small_h5ad_path)
     m = build_corpus([inputs], tmp_path / "skip", on_error="skip", shard_size=100)
     errors = {s["path"].split("/")[-1]: s["error"] for s in m["skipped"]}
     assert set(errors) == {"b_truncated.h5ad", "c_noncount.h5ad", "d_nogenes.h5ad"}
     assert "cannot read" in errors["b_truncated.h5ad"] and "non-integer" in errors["c_noncount.h5ad"]
     assert "below the minimum" in errors["d_nogenes.h5ad"]
     assert all(str(inputs) in e for e in errors.values()), "each error names its path"
-    assert m["n_cells"] == 2638 and {p.name[:10] for p in (tmp_path / "skip").glob("*.arrow")} == {"data-00000"}
+    n_good = ad.read_h5ad(small_h5ad_path, backed="r").n_obs  # pbmc3k: 2638
+    assert m["n_cells"] == n_good and {p.name[:10] for p in (tmp_path / "skip").glob("*.arrow")} == {"data-00000"}
     assert not list((tmp_path / "skip").glob("*.tmp"))
     for bad in ("b_truncated.h5ad", "c_noncount.h5ad", "d_nogenes.h5ad"):
         out = tmp_path / f"stop_{bad}"
@@ -154,9 +158,9 @@ def test_bad_inputs_skip_and_stop(tmp_path, pbmc_path):
                  "--workers", "1"]) == 2
 
 
-def test_pretrain_from_corpus(tmp_path, kang_path):
+def test_pretrain_from_corpus(tmp_path, batch_h5ad_path):
     corpus = tmp_path / "corpus"
-    build_corpus([kang_path], corpus, conditions=["sample"], shard_size=400)
+    build_corpus([batch_h5ad_path], corpus, conditions=["sample"], shard_size=400)
     cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path / "run", [corpus], 4, **{"data.val_fraction": 0.1}))
     from fm.pretrain import run_pretraining
     result = run_pretraining(cfg)

@@ -2,7 +2,8 @@
 MULTI_CPU), DeepSpeed ZeRO-2/3 on CPU, two "nodes" on 127.0.0.1 through slurm/pretrain.sbatch with
 a stand-in srun, SIGKILL + resume on another world size, SIGTERM → checkpoint → requeue → resume.
 
-Every run is a tiny model (d_model 32, 2 layers, 64 genes) on real PBMC cells for STEPS optimizer
+Every run is a tiny model (d_model 32, 2 layers, 64 genes) on small_h5ad_path's cells (real PBMC when
+the shared data is there, else conftest's generated stand-in) for STEPS optimizer
 steps with the same global batch of 16 cells and seed, so all runs are comparable step by step with
 the 1-process reference. World size, distributed type, ranks, node ranks and per-rank micro-batch
 and cell counts are read from trainer_state.json, written inside the run: a job that silently
@@ -10,10 +11,9 @@ trained N independent copies (or one process) fails here.
 
 Tolerances: 2 processes × 8 cells vs 1 × 16 differ only by float summation order and by how the
 masked-token mean is weighted (mean of rank means, see fm.train._log_row): losses agree within
-LOSS_RTOL = 1e-3 over the first COMPARE steps (measured: ≤ 3e-7 for DDP, ZeRO-2 and ZeRO-3 on these
-cells; up to 5e-4 seen when ranks score unequal masked-token counts) and within 5% over the whole
-run; LR is identical. The same world size preempted and resumed is exact (SAME_RTOL = 1e-4; measured 0).
-Wall times on the shared 2-core machine (load ≈ 5): 153 s for the module; ~260 s at load 10-14.
+LOSS_RTOL = 1e-3 over the first COMPARE steps (the gap is largest when ranks score unequal
+masked-token counts) and within 5% over the whole run; LR is identical. The same world size
+preempted and resumed is exact (SAME_RTOL = 1e-4). The module takes a few minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -30,13 +30,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PBMC, real_file, tiny_overrides
+from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: accelerate, python
 STEPS, COMPARE = 24, 10
 LOSS_RTOL, SAME_RTOL = 1e-3, 1e-4
 TIMEOUT = 300
+DATA: Path  # small_h5ad_path, set by _data below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _data(small_h5ad_path):
+    global DATA
+    DATA = small_h5ad_path
 
 
 def free_port() -> int:
@@ -49,7 +56,7 @@ def env(**extra) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in
          ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "DS_ACCELERATOR")}
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PATH=f"{BIN}:{e.get('PATH', '')}",
-             FM_DATA_DIR=str(real_file(PBMC).parents[1]))
+             FM_DATA_DIR=str(DATA.parents[1]))
     e.update(extra)
     return e
 
@@ -59,7 +66,7 @@ DS = {"DS_ACCELERATOR": "cpu"}  # NOT ACCELERATE_USE_CPU: it would silently turn
 
 
 def overrides(out: Path, batch: int, **extra) -> list[str]:
-    return tiny_overrides(out, [real_file(PBMC)], STEPS, **{"train.batch_size": batch, "train.save_every": 10,
+    return tiny_overrides(out, [DATA], STEPS, **{"train.batch_size": batch, "train.save_every": 10,
                                                              "train.save_total_limit": 10, **extra})
 
 
@@ -218,7 +225,7 @@ def test_deepspeed_zero_trains_and_exports(tmp_path, reference, stage):
     import fm
 
     out, log, npy = tmp_path / "run", tmp_path / "log.txt", tmp_path / "in_memory.npy"
-    pbmc = real_file(PBMC)
+    pbmc = DATA
     run(accelerate(f"zero{stage}", 2, "tests/dist_zero_embed.py", str(npy), str(pbmc), "64",
                    *overrides(out, 8, **{"train.save_every": STEPS})), env(**DS), log)
     st = state(out)

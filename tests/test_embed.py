@@ -26,11 +26,11 @@ def test_save_load_embed_identical(tiny_model_dir, pbmc_small, tmp_path):
     np.testing.assert_array_equal(fm.embed(pbmc_small.copy(), fm.load(tmp_path)), reference)
 
 
-def test_backed_streaming_matches_in_memory(tiny_model_dir, pbmc_path):
+def test_backed_streaming_matches_in_memory(tiny_model_dir, small_h5ad_path):
     model = fm.load(tiny_model_dir)
-    backed = ad.read_h5ad(pbmc_path, backed="r")
+    backed = ad.read_h5ad(small_h5ad_path, backed="r")
     streamed = fm.embed(backed, model, batch_size=50, chunk_size=300)
-    in_memory = fm.embed(ad.read_h5ad(pbmc_path), model, batch_size=50)
+    in_memory = fm.embed(ad.read_h5ad(small_h5ad_path), model, batch_size=50)
     np.testing.assert_allclose(streamed, in_memory, rtol=1e-5, atol=1e-6)
 
 
@@ -43,13 +43,13 @@ def test_embed_with_many_genes_outside_vocab(tiny_model_dir, pbmc_small):
     assert out.shape[0] == a.n_obs
 
 
-def test_missing_condition_leaves_adata_untouched(tmp_path, kang_path, pbmc_small):
+def test_missing_condition_leaves_adata_untouched(tmp_path, batch_h5ad_path, pbmc_small):
     from conftest import tiny_overrides
     from fm.config import load_config
     from fm.paths import recipe_path
     from fm.pretrain import run_pretraining
 
-    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [kang_path], 2) + ["data.conditions=[sample]"])
+    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [batch_h5ad_path], 2) + ["data.conditions=[sample]"])
     model = fm.load(run_pretraining(cfg).export_dir)
     with pytest.raises(KeyError, match="'sample'"):
         fm.embed(pbmc_small, model)

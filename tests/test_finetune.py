@@ -1,5 +1,6 @@
 """Cell-type annotation (issue #6, first head): ScFMForAnnotation, the labelled collator,
-`fm finetune` on real PBMC labels through the one training loop, fm.annotate, bad label input."""
+`fm finetune` on PBMC labels (real pbmc3k when the shared data is there, else the generated stand-in
+with 9 types, see conftest) through the one training loop, fm.annotate, bad label input."""
 from __future__ import annotations
 
 import json
@@ -102,20 +103,23 @@ def test_loss_goes_down(tiny_model_dir, pbmc_small):
 
 
 @pytest.fixture(scope="module")
-def finetuned(tiny_model_dir, tmp_path_factory):
-    """`fm finetune` on all PBMC cells for a few steps (the shipped recipe, shrunk)."""
+def finetuned(tiny_model_dir, small_h5ad_path, tmp_path_factory):
+    """`fm finetune` on all cells of small_h5ad_path (the recipe's own pbmc3k file when present) for a
+    few steps (the shipped recipe, shrunk)."""
     out = tmp_path_factory.mktemp("annotation")
     code = main(["finetune", RECIPE, f"model.init_from={tiny_model_dir}", f"train.output_dir={out}",
+                 f"data.paths=[{small_h5ad_path}]",
                  "train.max_steps=6", "train.batch_size=16", "train.progress=false", "train.save_every=0",
                  "train.eval_every=0", "train.warmup_steps=1", "data.max_genes=64", "task.unknown_threshold=0.2"])
     assert code == 0
     return out / "model"
 
 
-def test_finetune_exports_labels_and_tokenizer(finetuned, tiny_model_dir):
+def test_finetune_exports_labels_and_tokenizer(finetuned, tiny_model_dir, small_h5ad_path):
     config = json.loads((finetuned / "config.json").read_text())
     assert config["architectures"] == ["ScFMForAnnotation"]
-    assert len(config["id2label"]) == 9 and config["id2label"]["0"] == "B"
+    classes = sorted(set(ad.read_h5ad(small_h5ad_path, backed="r").obs["cell_type"].astype(str)))
+    assert len(config["id2label"]) == 9 and config["id2label"] == {str(i): c for i, c in enumerate(classes)}
     assert config["unknown_threshold"] == 0.2 and config["label_key"] == "cell_type"
     assert (finetuned / TOKENIZER_FILE).is_file()
     assert CellTokenizer.from_pretrained(finetuned).vocab.sha256 == CellTokenizer.from_pretrained(tiny_model_dir).vocab.sha256
@@ -274,9 +278,9 @@ def test_finetune_from_python_on_anndata(tiny_model_dir, pbmc_small, tmp_path):
         fm.finetune(tiny_model_dir, pbmc_small, task="segmentation")
 
 
-def test_transfer_labels_zero_shot(tiny_model_dir, pbmc_path):
+def test_transfer_labels_zero_shot(tiny_model_dir, small_h5ad_path):
     """kNN label transfer in embedding space: reference cells vote; fields as fm.annotate; inputs unchanged."""
-    full = ad.read_h5ad(pbmc_path)[:300].copy()
+    full = ad.read_h5ad(small_h5ad_path)[:300].copy()
     reference, query = full[:200].copy(), full[200:].copy()
     ref_x, qry_x = reference.X.copy(), query.X.copy()
     model = fm.load(tiny_model_dir)

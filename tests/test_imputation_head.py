@@ -103,10 +103,12 @@ def test_loss_goes_down(tiny_model_dir, pbmc_small):
 
 
 @pytest.fixture(scope="module")
-def finetuned(tiny_model_dir, tmp_path_factory):
-    """`fm finetune` of the shipped recipe (on pbmc3k), shrunk to a few steps."""
+def finetuned(tiny_model_dir, small_h5ad_path, tmp_path_factory):
+    """`fm finetune` of the shipped recipe on small_h5ad_path (the recipe's own pbmc3k when present),
+    shrunk to a few steps."""
     out = tmp_path_factory.mktemp("imputation")
     code = main(["finetune", RECIPE, f"model.init_from={tiny_model_dir}", f"train.output_dir={out}",
+                 f"data.paths=[{small_h5ad_path}]",
                  "train.max_steps=6", "train.batch_size=16", "train.progress=false", "train.save_every=0",
                  "train.eval_every=0", "train.warmup_steps=1", "data.max_genes=64", "task.target_scale=normalized"])
     assert code == 0
@@ -167,13 +169,13 @@ def test_impute_bad_input_is_explained(finetuned, tiny_model_dir, pbmc_small):
         load_config(recipe_path(RECIPE), ["task.target_scale=counts"])
 
 
-def test_harness_fm_finetune_sees_only_the_input_counts(tiny_model_dir, pbmc_path, tmp_path, monkeypatch):
+def test_harness_fm_finetune_sees_only_the_input_counts(tiny_model_dir, small_h5ad_path, tmp_path, monkeypatch):
     """The fm row fine-tunes on the masked counts and on the MCV train half — never on held-out counts."""
     from fm.eval.context import EvalContext
     from fm.eval.harness import run_task
     from fm.eval.tasks import imputation as task
 
-    ctx = EvalContext(output_dir=tmp_path, profile="ci", models=[tiny_model_dir], data_dir=pbmc_path.parent.parent,
+    ctx = EvalContext(output_dir=tmp_path, profile="ci", models=[tiny_model_dir], data_dir=small_h5ad_path.parent.parent,
                       caps={"max_cells": 120, "finetune": {"train.max_steps": 3, "train.batch_size": 16,
                                                            "data.max_genes": 64, "data.val_fraction": 0.0}})
     seen = {}
@@ -184,7 +186,7 @@ def test_harness_fm_finetune_sees_only_the_input_counts(tiny_model_dir, pbmc_pat
         return real(self, train_adata, model_dir, name, dataset, seed, **overrides)
 
     monkeypatch.setattr(EvalContext, "fm_finetune", spy)
-    dataset = {"name": "pbmc3k", "file": "h5ad/" + pbmc_path.name, "label_key": "cell_type"}
+    dataset = {"name": "pbmc3k", "file": "h5ad/" + small_h5ad_path.name, "label_key": "cell_type"}
     rows = run_task(task, dataset, ["none", "fm_finetune"], 0, ctx)
     label = f"fm_finetune[{ctx.model_label(tiny_model_dir)}]"
     values = {(r["method"], r["metric"]): r["value"] for r in rows}

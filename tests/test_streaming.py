@@ -104,10 +104,35 @@ def test_synthetic_build_resumes_identically(tmp_path):
         assert (tmp_path / "full" / s["file"]).read_bytes() == (tmp_path / "cut" / s["file"]).read_bytes()
 
 
-def test_synthetic_fit_to_real_file(tmp_path, pbmc_path):
-    m = synth_corpus(tmp_path / "fit", 100, fit=pbmc_path, shard_size=100, chunk_size=50)
+def test_synthetic_fit_to_real_file(tmp_path, small_h5ad_path):
+    m = synth_corpus(tmp_path / "fit", 100, fit=small_h5ad_path, shard_size=100, chunk_size=50)
     src = m["sources"][0]
     assert m["n_cells"] > 90 and 0.01 < src["dispersion"] < 10 and 100 < src["library_mean"] < 10000
+
+
+def test_synthetic_anndata_options():
+    """include forces genes in; proteins and spatial are drawn after the counts (counts unchanged);
+    an isotype control stays low in every type; neighbours in space share types more than chance."""
+    from fm.synthetic import synthetic_anndata
+
+    plain = synthetic_anndata(n_cells=300, n_genes=200, n_types=3, seed=4)
+    full = synthetic_anndata(n_cells=300, n_genes=200, n_types=3, seed=4, proteins=["CD3", "CD19", "IgG1_control"],
+                             spatial=True)
+    assert (plain.X != full.X).nnz == 0 and list(plain.var_names) == list(full.var_names)
+    adt = full.obsm["protein_counts"]
+    assert list(adt.columns) == ["CD3", "CD19", "IgG1_control"] and adt.index.equals(full.obs_names)
+    assert (adt.to_numpy() >= 0).all() and (adt.to_numpy() % 1 == 0).all()
+    by_type = adt.groupby(full.obs["cell_type"].to_numpy()).mean()
+    assert (by_type["IgG1_control"] < by_type[["CD3", "CD19"]].max(1)).all()
+    xy = full.obsm["spatial"]
+    assert xy.shape == (300, 2) and xy.min() >= 0 and xy.max() <= 100
+    nearest = np.argsort(((xy[:, None] - xy[None]) ** 2).sum(-1), axis=1)[:, 1]
+    types = full.obs["cell_type"].to_numpy()
+    assert (types[nearest] == types).mean() > 0.5  # chance: about 1/3
+    forced = synthetic_anndata(n_cells=10, n_genes=200, seed=4, include=["B2M", "IL1B"])
+    assert {"B2M", "IL1B"} <= set(forced.var_names) and forced.n_vars == 200
+    with pytest.raises(ValueError, match="NOTAGENE"):
+        synthetic_anndata(n_cells=10, n_genes=200, include=["NOTAGENE"])
 
 
 def test_collator_fast_sort_path_changes_nothing(synth, monkeypatch):

@@ -112,7 +112,8 @@ def toy_task(tmp_path):
     registry.unregister("toy_depth")
 
 
-def test_a_sixth_task_registered_in_one_file_runs_everywhere(toy_task, tiny_model_dir, pbmc_path, pbmc_small, tmp_path):
+def test_a_sixth_task_registered_in_one_file_runs_everywhere(toy_task, tiny_model_dir, small_h5ad_path, pbmc_small,
+                                                            tmp_path):
     recipe = toy_task.recipe_path()
     cfg = load_config(recipe)
     assert isinstance(cfg.task, ToyDepthConfig) and cfg.task.scale == 2.0
@@ -129,7 +130,7 @@ def test_a_sixth_task_registered_in_one_file_runs_everywhere(toy_task, tiny_mode
     suite = tmp_path / "toy_depth_suite.yaml"  # eval/<task>.yaml
     suite.write_text(yaml.safe_dump({
         "task": "toy_depth", "methods": ["mean", "fm_finetune"],
-        "datasets": [{"name": "toy", "file": str(pbmc_path), "max_cells": 120}],
+        "datasets": [{"name": "toy", "file": str(small_h5ad_path), "max_cells": 120}],
         "caps": {"finetune": {"train.max_steps": 2, "data.max_genes": 32}}}))
     from fm.eval.harness import run_suite
 

@@ -1,4 +1,5 @@
-"""CellTokenizer on real cells: counts round-trip, conditions, save/load, and every bad input."""
+"""CellTokenizer on cells (real when the shared data is there, else generated stand-ins with the same
+layout; see conftest): counts round-trip, conditions, save/load, and every bad input."""
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -46,9 +47,9 @@ def test_conditions_fit_encode_and_unknown(kang_path):
     assert (tok.encode_conditions(other)[:, 1] == 0).all()
 
 
-def test_save_load_round_trip(tmp_path, kang_path):
-    a = ad.read_h5ad(kang_path)
-    tok = CellTokenizer(condition_keys=["condition"], n_bins=21)
+def test_save_load_round_trip(tmp_path, batch_h5ad_path):
+    a = ad.read_h5ad(batch_h5ad_path)
+    tok = CellTokenizer(condition_keys=["sample"], n_bins=21)
     tok.fit_conditions(a.obs)
     tok.save_pretrained(tmp_path)
     back = CellTokenizer.from_pretrained(tmp_path)
@@ -141,9 +142,9 @@ def test_gene_key_with_ensembl_ids():
     assert by_id.fraction >= by_symbol.fraction > 0.5
 
 
-def test_dense_and_backed_inputs_agree(pbmc_path, pbmc_small):
+def test_dense_and_backed_inputs_agree(small_h5ad_path, pbmc_small):
     dense = ad.AnnData(pbmc_small.X.toarray(), obs=pbmc_small.obs, var=pbmc_small.var)
-    backed = ad.read_h5ad(pbmc_path, backed="r")
+    backed = ad.read_h5ad(small_h5ad_path, backed="r")
     tok = CellTokenizer()
     a, b = tok.encode(dense), tok.encode(backed, chunk_size=37)
     c = tok.encode(pbmc_small)
@@ -158,11 +159,11 @@ def test_mouse_file_detected():
     assert m.species == "mouse" and m.fraction > 0.8
 
 
-def test_corrupt_h5ad_named_in_error(tmp_path, pbmc_path):
+def test_corrupt_h5ad_named_in_error(tmp_path, small_h5ad_path):
     from fm.data import open_anndata
 
     bad = tmp_path / "truncated.h5ad"
-    bad.write_bytes(pbmc_path.read_bytes()[:5000])
+    bad.write_bytes(small_h5ad_path.read_bytes()[:5000])
     with pytest.raises(ValueError, match="truncated.h5ad.*cannot read"):
         open_anndata(bad)
 

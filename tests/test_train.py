@@ -1,4 +1,5 @@
-"""The training loop on real cells: export, resume = uninterrupted, no silent overwrite."""
+"""The training loop: export, resume = uninterrupted, no silent overwrite (on the real small files when
+the shared data is there, else generated stand-ins; the debug recipe's own run needs the real data)."""
 import csv
 
 import pytest
@@ -30,11 +31,11 @@ def test_export_loads_with_fm_and_automodel(tiny_model_dir):
         assert torch.equal(a, b)
 
 
-def test_resume_continues_with_the_same_losses(tmp_path, pbmc_path):
+def test_resume_continues_with_the_same_losses(tmp_path, small_h5ad_path):
     extra = {"model.dropout": 0.1, "train.save_every": 5, "train.save_total_limit": 5}
-    full = run_pretraining(load_config(recipe_path("debug"), tiny_overrides(tmp_path / "a", [pbmc_path], 12, **extra)))
+    full = run_pretraining(load_config(recipe_path("debug"), tiny_overrides(tmp_path / "a", [small_h5ad_path], 12, **extra)))
     run_b = tmp_path / "b"
-    cfg_b = load_config(recipe_path("debug"), tiny_overrides(run_b, [pbmc_path], 12, **extra))
+    cfg_b = load_config(recipe_path("debug"), tiny_overrides(run_b, [small_h5ad_path], 12, **extra))
     run_pretraining(cfg_b)
     import shutil
     shutil.rmtree(run_b / CHECKPOINTS / "step_12")  # as if killed between step 10 and 12
@@ -48,8 +49,8 @@ def test_resume_continues_with_the_same_losses(tmp_path, pbmc_path):
     assert full.history[-1]["loss"] == pytest.approx(resumed.history[-1]["loss"], rel=1e-5)
 
 
-def test_refuses_to_overwrite_a_run(tmp_path, pbmc_path):
-    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [pbmc_path], 2))
+def test_refuses_to_overwrite_a_run(tmp_path, small_h5ad_path):
+    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [small_h5ad_path], 2))
     run_pretraining(cfg)
     before = (tmp_path / "train_log.csv").read_text()
     with pytest.raises(FileExistsError, match="--resume"):
@@ -57,8 +58,8 @@ def test_refuses_to_overwrite_a_run(tmp_path, pbmc_path):
     assert (tmp_path / "train_log.csv").read_text() == before
 
 
-def test_conditions_become_tokens(tmp_path, kang_path):
-    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [kang_path], 3) + ["data.conditions=[sample]"])
+def test_conditions_become_tokens(tmp_path, batch_h5ad_path):
+    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [batch_h5ad_path], 3) + ["data.conditions=[sample]"])
     result = run_pretraining(cfg)
     model = fm.load(result.export_dir)
     assert model.config.condition_keys == ["sample"] and model.config.condition_vocab_sizes == [5]
