@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     p.set_defaults(func=_cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="fine-tune a task head (task.name) from model.init_from=DIR")
+    from fm.tasks.registry import TASKS
+
+    p = sub.add_parser("finetune", help=f"fine-tune a task head (task.name: {' | '.join(TASKS)}) from model.init_from=DIR")
     p.add_argument("recipe", help="recipe YAML path, e.g. recipes/finetune/annotation.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value; model.init_from=<exported model dir> is required")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
