@@ -81,3 +81,17 @@ def test_zero_genes_come_from_the_panel_and_are_unexpressed(cells):
     a, b = infer(rows[:3]), infer([rows[1]])
     n = int(b["attention_mask"][0].sum())
     assert a["gene_ids"][1][:n].tolist() == b["gene_ids"][0][:n].tolist(), "independent of the batch"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 7])
+def test_inference_tokens_do_not_depend_on_the_seed(cells, seed):
+    """A fine-tune's validation pass (its collator seeded with train.seed) and fm.annotate / fm.embed
+    (seed 0) show a cell the same genes — its zero genes included — whatever the run's seed."""
+    from fm.data.collator import LabeledCellCollator
+
+    rows = [{**cells[i], "label": 0} for i in range(12)]
+    validation = LabeledCellCollator(max_genes=64, zero_fraction=0.25, seed=seed)(rows)
+    inference = CellCollator(max_genes=64, zero_fraction=0.25, train=False)(rows)
+    for key in ("gene_ids", "values", "attention_mask"):
+        torch.testing.assert_close(validation[key], inference[key])
+    assert (inference["values"][inference["attention_mask"]] == 0).sum() >= 12 * 16 - 16, "zero genes present"

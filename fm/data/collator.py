@@ -64,6 +64,10 @@ def _rank_within_rows(row: np.ndarray, *keys: np.ndarray) -> tuple[np.ndarray, n
     return order, rank
 
 
+INFERENCE_SEED = 0
+"""Seed of every train=False choice (zero-gene priority): inference is the same whatever a run's seed."""
+
+
 @dataclass
 class CellCollator:
     """rows of {gene_ids, counts, conditions, index[, panel]} → padded tensors for ScFM models.
@@ -160,17 +164,19 @@ class CellCollator:
                 continue
             panel, expressed = rows[i]["panel"], rows[i]["gene_ids"]
             off = panel[~np.isin(panel, expressed)]
-            priority = hashed_uniform(self.seed, self.epoch if self.train else 0,
+            priority = hashed_uniform(self.seed if self.train else INFERENCE_SEED, self.epoch if self.train else 0,
                                       np.full(len(off), rows[i]["index"] if self.train else 0), off, salt=4)
             out.append(off[np.argsort(priority, kind="stable")[: n_zero[i]]].astype(np.int64))
         return np.concatenate(out)
 
     def _priority_order(self, panel: np.ndarray) -> np.ndarray:
-        """A panel's genes in a fixed hashed order (cached: panels are shared arrays)."""
+        """A panel's genes in a fixed hashed order (cached: panels are shared arrays). The order never
+        depends on `seed`: a fine-tune's validation pass (collator seeded with train.seed) and
+        fm.annotate / fm.embed (seed 0) must show a cell the same zero genes."""
         cache = self.__dict__.setdefault("_priority_cache", {})
         key = (id(panel), len(panel))
         if key not in cache:
-            priority = hashed_uniform(self.seed, 0, np.zeros(len(panel), np.int64), panel, salt=4)
+            priority = hashed_uniform(INFERENCE_SEED, 0, np.zeros(len(panel), np.int64), panel, salt=4)
             cache[key] = (panel, panel[np.argsort(priority, kind="stable")])
         return cache[key][1]
 
