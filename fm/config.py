@@ -84,6 +84,12 @@ class DataConfig:
     """DataLoader worker processes (0 = in the training process)."""
     shuffle_buffer: int = 100_000
     """Corpus streaming: cells shuffled together per rank (costs one index each; data stays memory-mapped)."""
+    probes: list[str] = field(default_factory=list)
+    """Labelled h5ad files ('file' or 'file::obs_label_column', '${FM_DATA_DIR}' expands) whose embedding
+    quality is logged at the start, every train.eval_every and at the end, beside a random-init twin's
+    (fm/quality.py). Never the test split of an fm eval suite."""
+    probe_max_cells: int = 1000
+    """Cells per probe file (a seeded subsample)."""
 
     def __post_init__(self):
         if not 0.0 < self.mask_ratio < 1.0:
@@ -99,10 +105,16 @@ class DataConfig:
                              f"got {self.value_encoding!r}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.probe_max_cells < 10:
+            raise ValueError(f"data.probe_max_cells must be >= 10, got {self.probe_max_cells}")
 
     def resolved_paths(self) -> list[Path]:
         """`paths` with '${FM_DATA_DIR}' expanded through fm.paths.data_dir()."""
         return [Path(p.replace("${FM_DATA_DIR}", str(data_dir()))).expanduser() for p in self.paths]
+
+    def resolved_probes(self) -> list[str]:
+        """`probes` with '${FM_DATA_DIR}' expanded."""
+        return [p.replace("${FM_DATA_DIR}", str(data_dir())) for p in self.probes]
 
 
 @dataclass

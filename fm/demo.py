@@ -13,21 +13,10 @@ import numpy as np
 
 from fm.config import load_config
 from fm.paths import DATA_DIR_ENV, data_dir, h5ad_path, recipe_path
+from fm.quality import knn_label_accuracy
 
 log = logging.getLogger("fm")
 DEMO_FILE = "pbmc3k_seurat_hvg2000_labeled.h5ad"
-
-
-def knn_label_accuracy(x: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
-    """Leave-one-out k-NN (cosine) majority-vote accuracy: how well an embedding separates known labels."""
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    neighbours = np.argpartition(-sim, k, axis=1)[:, :k]
-    codes = np.unique(labels, return_inverse=True)[1]
-    votes = np.zeros((len(codes), codes.max() + 1))
-    np.add.at(votes, (np.repeat(np.arange(len(codes)), k), codes[neighbours].ravel()), 1)
-    return float((votes.argmax(1) == codes).mean())
 
 
 def pca_of_log_counts(adata: ad.AnnData, n_components: int = 50) -> np.ndarray:

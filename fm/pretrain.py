@@ -106,4 +106,17 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
                             pad_token_id=model.config.pad_token_id, zero_fraction=model.config.zero_fraction)
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells,
                  export=export_pretrained(tokenizer), resume=resume, accelerator=accelerator,
-                 num_workers=cfg.data.num_workers)
+                 num_workers=cfg.data.num_workers, callbacks=quality_monitors(cfg, tokenizer))
+
+
+def quality_monitors(cfg: RunConfig, tokenizer: CellTokenizer) -> list:
+    """[QualityMonitor] over data.probes (probes missing on this machine are skipped with a warning), or []."""
+    from fm.quality import LABEL_SEPARATOR, QualityMonitor, load_probe
+
+    probes = []
+    for spec in cfg.data.resolved_probes():
+        if not Path(spec.partition(LABEL_SEPARATOR)[0]).is_file():
+            log.warning("data.probes: %s not found; representation quality is not measured on it", spec)
+            continue
+        probes.append(load_probe(spec, cfg.data.probe_max_cells, cfg.train.seed))
+    return [QualityMonitor(probes, tokenizer, cfg.train.output_dir, cfg.train.seed)] if probes else []

@@ -22,12 +22,12 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -171,8 +171,12 @@ def _resume_position(state: dict, cfg: TrainConfig, world: int, micro_per_epoch:
 
 def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_dataset=None,
           export: Callable[[torch.nn.Module, dict, Path], None] | None = None, resume: bool = False,
-          accelerator: Accelerator | None = None, num_workers: int = 0) -> TrainResult:
-    """Train `model` (whose forward returns `.loss` when given labels) for cfg.max_steps optimizer steps."""
+          accelerator: Accelerator | None = None, num_workers: int = 0,
+          callbacks: Sequence[Callable[[torch.nn.Module, int], None]] = ()) -> TrainResult:
+    """Train `model` (whose forward returns `.loss` when given labels) for cfg.max_steps optimizer steps.
+
+    `callbacks(model, step)` (e.g. fm.quality.QualityMonitor) run on the main process with the unwrapped
+    model at the start, at every eval_every and at the end."""
     out = Path(cfg.output_dir)
     accelerator = accelerator or make_accelerator(cfg)
     if not resume and latest_checkpoint(out) is not None:
@@ -208,6 +212,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
                 "grad_accum": cfg.grad_accum, "global_batch": cfg.batch_size * cfg.grad_accum * world,
                 "processes": process_counters(accelerator, seen_micro, seen_cells)}
 
+    _run_callbacks(callbacks, accelerator, model, step)
     model.train()
     micro, seen_micro, seen_cells, stopped = step * cfg.grad_accum, 0, 0, False
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
@@ -252,6 +257,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size),
                              accelerator)
+                    _run_callbacks(callbacks, accelerator, model, step)
                 stopped = stop.requested(accelerator)  # all ranks agree: any rank's signal stops every rank
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopped:
                     save_checkpoint(accelerator, out, step, cfg.save_total_limit, position())
@@ -266,6 +272,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
         return TrainResult(step, history, None, stopped=True, model=model)
     if not (cfg.eval_every and step % cfg.eval_every == 0):  # the loop has not just evaluated this step
         log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size), accelerator)
+        _run_callbacks(callbacks, accelerator, model, step)
     export_dir = None
     if export is not None:
         export_dir = out / "model"
@@ -275,6 +282,21 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
             export(accelerator.unwrap_model(model), state_dict, export_dir)
     accelerator.wait_for_everyone()
     return TrainResult(step, history, export_dir, model=model)
+
+
+def _run_callbacks(callbacks, accelerator, model, step: int) -> None:
+    """Run `callbacks` on the main process (the others wait). Skipped under DeepSpeed with several
+    processes: a sharded model cannot run forward on one rank alone."""
+    if not callbacks:
+        return
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        log.warning("step %d: callbacks skipped (DeepSpeed with %d processes)", step, accelerator.num_processes)
+        return
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        for callback in callbacks:
+            callback(unwrapped, step)
+    accelerator.wait_for_everyone()
 
 
 def _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tokens, t0) -> dict:

@@ -124,7 +124,7 @@ def tiny_overrides(out: Path, paths: list[Path], steps: int = 20, **extra) -> li
     items = {"train.output_dir": str(out), "train.max_steps": steps, "train.progress": False,
              "train.log_every": 1, "train.save_every": 10, "train.eval_every": 0, "train.batch_size": 16,
              "train.warmup_steps": 2, "data.max_genes": 64, "model.d_model": 32, "model.n_heads": 4,
-             "model.d_ff": 64, "data.paths": "[" + ",".join(map(str, paths)) + "]"}
+             "model.d_ff": 64, "data.probes": "[]", "data.paths": "[" + ",".join(map(str, paths)) + "]"}
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
 
