@@ -198,8 +198,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    task: TaskConfig | None = None
-    """Fine-tuning only (`fm finetune`); pretraining has none."""
+    task: TaskConfig | None = field(default=None, metadata={"section_class": lambda values: task_config_class(
+        values.get("name", TaskConfig.name))})
+    """Fine-tuning only (`fm finetune`); pretraining has none. Parsed into the class task.name selects."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,7 +258,8 @@ def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise TypeError(f"{where or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = sorted(set(values) - names)
     if unknown:
         raise KeyError(f"unknown config key(s) {', '.join((where + '.' if where else '') + k for k in unknown)}; "
@@ -266,11 +268,11 @@ def _build(cls, values: dict, where: str):
     for name, value in values.items():
         hint = hints[name]
         key = f"{where}.{name}" if where else name
-        if cls is RunConfig and name == "task":  # the task's own config class, chosen by task.name
-            value = value or {}
-            if not isinstance(value, dict):
-                raise TypeError(f"task: expected a mapping, got {value!r}")
-            kwargs[name] = _build(task_config_class(value.get("name", TaskConfig.name)), value, key) if value else None
+        section_class = fields[name].metadata.get("section_class")  # a section whose class its values choose
+        if section_class is not None:
+            if value and not isinstance(value, dict):
+                raise TypeError(f"{key}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(section_class(value), value, key) if value else None
         elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value or {}, key)
         else:

@@ -30,11 +30,9 @@ def model_device(model) -> torch.device:
 
 def inference_collator(model):
     """The collator a model is used with at inference, built from its own config."""
-    from fm.data.collator import CellCollator
+    from fm.data.collator import CellCollator, collator_settings
 
-    config = model.config
-    return CellCollator(n_bins=config.n_bins, value_encoding=config.value_encoding, max_genes=config.max_genes,
-                        train=False, pad_token_id=config.pad_token_id, zero_fraction=config.zero_fraction)
+    return CellCollator(**collator_settings(model.config), train=False)
 
 
 def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, width: int, batch_size: int = 64,

@@ -9,6 +9,7 @@ import torch
 
 from fm.config import RunConfig
 from fm.data import CellCollator, encode_files
+from fm.data.collator import collator_settings
 from fm.data.corpus import is_corpus, load_manifest
 from fm.data.streaming import CorpusDataset
 from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression
@@ -100,10 +101,8 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
         log.info("%d training cells, %d held out; model %.2fM parameters",
                  int(train_cells.train_counts.sum()) if corpus is not None else len(train_cells),
                  0 if val_cells is None else len(val_cells), n_params / 1e6)
-    collator = CellCollator(n_bins=model.config.n_bins, value_encoding=model.config.value_encoding,
-                            max_genes=cfg.data.max_genes,
-                            mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed,
-                            pad_token_id=model.config.pad_token_id, zero_fraction=model.config.zero_fraction)
+    collator = CellCollator(**{**collator_settings(model.config), "max_genes": cfg.data.max_genes},
+                            mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed)
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells,
                  export=export_pretrained(tokenizer), resume=resume, accelerator=accelerator,
                  num_workers=cfg.data.num_workers, callbacks=quality_monitors(cfg, tokenizer))

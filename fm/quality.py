@@ -144,11 +144,11 @@ class QualityMonitor:
             model.cell_tokenizer = before
 
     def _twin(self, model):
+        """Same class and config, fresh random weights (called inside __call__'s forked RNG)."""
         import torch
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 1)
-            return type(model)(model.config).to(next(model.parameters()).device)
+        torch.manual_seed(self.seed + 1)
+        return type(model)(model.config).to(next(model.parameters()).device)
 
     def __call__(self, model, step: int) -> None:
         import torch

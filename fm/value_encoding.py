@@ -25,6 +25,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from fm.binning import bin_csr
+from fm.preprocessing import TARGET_SUM
 
 MIN_N_BINS = 2
 """n_bins - 1 >= 1 levels for expressed genes, and targets are divided by n_bins - 1 (n_bins = 2
@@ -142,7 +143,7 @@ class ContinuousEncoding:
     discrete: ClassVar[bool] = False
     mask_value_id: ClassVar[float] = -1.0
     pad_value_id: ClassVar[float] = -2.0
-    target_sum: ClassVar[float] = 1e4
+    target_sum: ClassVar[float] = TARGET_SUM
 
     def __post_init__(self):
         check_n_bins(self.n_bins)

@@ -68,6 +68,13 @@ INFERENCE_SEED = 0
 """Seed of every train=False choice (zero-gene priority): inference is the same whatever a run's seed."""
 
 
+def collator_settings(config) -> dict:
+    """The CellCollator fields a model fixes through its ScFMConfig (value encoding, gene budget, pad id,
+    zero genes): every collator built for a model — pretraining, fine-tuning, inference — starts here."""
+    return dict(n_bins=config.n_bins, value_encoding=config.value_encoding, max_genes=config.max_genes,
+                pad_token_id=config.pad_token_id, zero_fraction=config.zero_fraction)
+
+
 @dataclass
 class CellCollator:
     """rows of {gene_ids, counts, conditions, index[, panel]} → padded tensors for ScFM models.

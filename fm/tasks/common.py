@@ -176,9 +176,9 @@ def train_task(model, tokenizer: CellTokenizer, train_cells, val_cells, collator
 
 def collator_kwargs(model, cfg: RunConfig) -> dict:
     """The CellCollator settings a fine-tuned model is trained and used with (from its own config)."""
-    return dict(n_bins=model.config.n_bins, value_encoding=model.config.value_encoding,
-                max_genes=cfg.data.max_genes, seed=cfg.train.seed,
-                pad_token_id=model.config.pad_token_id, zero_fraction=model.config.zero_fraction)
+    from fm.data.collator import collator_settings
+
+    return {**collator_settings(model.config), "max_genes": cfg.data.max_genes, "seed": cfg.train.seed}
 
 
 __all__ = ["TaskCells", "close_sources", "load_task_cells", "collator_kwargs", "concat_targets", "encode_with_targets",
