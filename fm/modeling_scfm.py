@@ -71,11 +71,15 @@ class ScFMEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
+    def embed_genes(self, gene_ids: torch.Tensor) -> torch.Tensor:
+        """Gene vectors of vocabulary ids (any shape → shape + (D,)): the one way every head reads the gene table."""
+        return self.gene(gene_ids)
+
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, condition_ids: torch.Tensor | None):
         B = gene_ids.shape[0]
         # <cls> goes through self.gene(...) (never self.gene.weight[...]): ZeRO-3 gathers the
         # sharded table only inside the module's own forward
-        tokens = self.gene(torch.cat([gene_ids.new_full((B, 1), self.config.cls_token_id), gene_ids], 1))
+        tokens = self.embed_genes(torch.cat([gene_ids.new_full((B, 1), self.config.cls_token_id), gene_ids], 1))
         prefix = [tokens[:, :1]]  # (B, 1, D)
         if self.conditions:
             if condition_ids is None:  # no conditions given = all unknown (id 0)
@@ -367,7 +371,7 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
         expression = self.gep_head(out.gene_hidden_states)  # (B, L)
         mvc_expression = None
         if self.mvc_head is not None:
-            mvc_expression = self.mvc_head(self.scfm.embeddings.gene(gene_ids), out.cell_embedding)
+            mvc_expression = self.mvc_head(self.scfm.embeddings.embed_genes(gene_ids), out.cell_embedding)
 
         loss = gep_loss = mvc_loss = None
         if labels is not None:

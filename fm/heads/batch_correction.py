@@ -184,7 +184,7 @@ class ScFMForBatchCorrection(ScFMPreTrainedModel):
             decoder_cell = cell
             if known is not None:
                 decoder_cell = cell + self.mvc_batch_head((known + 1).clamp(min=0))
-            mvc = self.mvc_head(self.scfm.embeddings.gene(gene_ids), decoder_cell)
+            mvc = self.mvc_head(self.scfm.embeddings.embed_genes(gene_ids), decoder_cell)
             result.mvc_loss = masked_mse(mvc, target, masked_positions)
             loss = loss + result.mvc_loss
         if known is not None:

@@ -72,7 +72,7 @@ class ScFMForImputation(ScFMPreTrainedModel):
     def gene_keys(self, gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and biases of vocabulary genes (any shape of ids); the embedding lookup goes through
         the module's forward (ZeRO-3 gathers the sharded table only there)."""
-        return self.impute_head.gene_keys(self.scfm.embeddings.gene(gene_ids))
+        return self.impute_head.gene_keys(self.scfm.embeddings.embed_genes(gene_ids))
 
     def forward(
         self,
@@ -91,7 +91,7 @@ class ScFMForImputation(ScFMPreTrainedModel):
         out = self.scfm(gene_ids, values, attention_mask, condition_ids)
         predictions = loss = None
         if target_gene_ids is not None:
-            predictions = self.impute_head(self.scfm.embeddings.gene(target_gene_ids), out.cell_embedding)
+            predictions = self.impute_head(self.scfm.embeddings.embed_genes(target_gene_ids), out.cell_embedding)
             if labels is not None:
                 if label_weights is None:
                     label_weights = target_gene_ids != self.config.pad_token_id

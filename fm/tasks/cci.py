@@ -199,7 +199,7 @@ def denoised_expression(adata, model, columns: np.ndarray, vocab_ids: np.ndarray
 
     def predict(m, batch):
         cell = backbone(**batch).cell_embedding
-        emb = backbone.embeddings.gene(torch.as_tensor(vocab_ids, device=cell.device))
+        emb = backbone.embeddings.embed_genes(torch.as_tensor(vocab_ids, device=cell.device))
         return head(emb.unsqueeze(0).expand(len(cell), -1, -1), cell).clamp_min(0.0)
 
     values, _ = run_batched(adata, model, predict, width=len(columns), batch_size=batch_size, progress=progress,
