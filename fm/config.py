@@ -41,6 +41,11 @@ class ModelConfig:
     """Add scGPT's MVC objective: predict masked values from the cell embedding."""
     generative_mask: bool = False
     """scGPT's attention mask: masked genes are seen only by themselves."""
+    wced: bool = False
+    """Whole-cell expression decoding: the MVC decoder predicts every gene token of the cell (expressed and
+    zero genes, masked or not) from the cell embedding alone, so the embedding must carry the whole cell."""
+    gep_weight: float = 1.0
+    """Weight of the per-token GEP loss (0 trains the cell-embedding objectives alone)."""
     init_from: str | None = None
     """Start from this exported checkpoint directory instead of random weights."""
 

@@ -376,10 +376,13 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
         loss = gep_loss = mvc_loss = None
         if labels is not None:
             target = self.config.encoding.target(labels.to(expression.dtype))
-            loss = gep_loss = masked_mse(expression, target, masked_positions)
+            gep_loss = masked_mse(expression, target, masked_positions)
+            loss = self.config.gep_weight * gep_loss
             if mvc_expression is not None:
-                mvc_loss = masked_mse(mvc_expression, target, masked_positions)
-                loss = gep_loss + mvc_loss
+                # WCED: the cell embedding must decode the whole cell (zero genes included), not only the masked values
+                scored = attention_mask if self.config.wced else masked_positions
+                mvc_loss = masked_mse(mvc_expression, target, scored)
+                loss = loss + mvc_loss
 
         result = ScFMMaskedExpressionOutput(
             loss=loss,

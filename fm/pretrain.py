@@ -35,6 +35,7 @@ def build_model(cfg: RunConfig, tokenizer: CellTokenizer) -> ScFMForMaskedExpres
                         d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout,
                         max_genes=cfg.data.max_genes, condition_keys=tokenizer.condition_keys,
                         condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=m.pooling, mvc=m.mvc,
+                        wced=m.wced, gep_weight=m.gep_weight,
                         generative_mask=m.generative_mask, zero_fraction=cfg.data.zero_fraction)
     torch.manual_seed(cfg.train.seed)  # same seed, same initial weights
     return ScFMForMaskedExpression(config)
