@@ -225,7 +225,8 @@ def test_harness_fm_rows(niche_dir, tiny_model_dir, spatial, tmp_path):
                "resource": "toy", "n_neighbors": 4, "min_edges": 2, "split": {"kind": "spatial", "axis": 0}}
     rows = pd.DataFrame(run_task(cci, dataset, ["random", "fm_denoised", "fm_niche"], 0, ctx))
     label = ctx.model_label(tiny_model_dir)
-    assert {f"fm_denoised[{label}]", f"fm_niche[{label}]", "random"} == set(rows["method"])
+    assert {f"fm_denoised[{label}]", f"fm_niche[{label}]", "random",  # + random-init twins, named by what ran
+            f"fm_denoised[{label}:random_init]", f"fm_niche[{label}:scratch]"} == set(rows["method"])
     assert "auroc_niche_effect" in set(rows[rows.method == f"fm_niche[{label}]"]["metric"])
     split = np.load(tmp_path / "out" / "splits" / "toy_spatial.npz")
     assert len(split["train"]) == len(split["test"]) == 100

@@ -92,6 +92,8 @@ def test_ci_profile_writes_outputs(ci_runs, task):
     assert (out / "splits").is_dir() and list((out / "splits").glob("*.npz"))
     if task != "imputation":
         assert df.method.str.startswith("fm").any(), "FM rows missing"
+        assert df.method.str.contains(r":(?:random_init|scratch)\]").any(), "random-init control rows missing"
+        assert "Δ vs twin" in (out / "results.md").read_text() and (out / "deltas.csv").is_file()
     if task == "batch_correction":
         assert (out / "batch_correction_table.png").is_file() and list(out.glob("umap_*.png"))
 

@@ -238,6 +238,7 @@ def test_harness_fm_finetune_ci_profile(tiny_model_dir, tmp_path, monkeypatch):
     label = f"fm_finetune[{tiny_model_dir.parent.name}]"
     assert label in main_metric.index and np.isfinite(main_metric[label]), main_metric.to_dict()
     split = np.load(tmp_path / "splits" / "pbmc10k_protein_200c_seed0.npz")
-    (adata,) = seen
-    np.testing.assert_array_equal(adata.obs_names, split["obs_names"][split["train"]])
-    assert list(adata.obsm["protein_counts"].columns)[:2] == ["CD3_TotalSeqB", "CD4_TotalSeqB"]
+    assert len(seen) == 2  # the checkpoint and its random-init twin (fm_finetune[…:scratch]), same cells
+    for adata in seen:
+        np.testing.assert_array_equal(adata.obs_names, split["obs_names"][split["train"]])
+        assert list(adata.obsm["protein_counts"].columns)[:2] == ["CD3_TotalSeqB", "CD4_TotalSeqB"]

@@ -24,6 +24,9 @@ class EvalContext:
     """Run-wide settings handed to every task's `prepare()` and methods.
 
     caps: profile limits (max_cells, n_hvg, scvi_epochs, …); tasks read them with `cap()`.
+    controls: run every FM method also on a random-init twin of each model (fm.eval.controls).
+    finetune_calls: how many times a method asked for a fine-tuned model (the harness reads it to
+    tell fine-tuning methods from zero-shot ones when naming control rows).
     """
 
     output_dir: Path
@@ -31,7 +34,10 @@ class EvalContext:
     models: list[Path]
     data_dir: Path
     caps: dict
+    controls: bool = True
+    finetune_calls: int = 0
     _models: dict = field(default_factory=dict, repr=False)
+    _twins: dict = field(default_factory=dict, repr=False)
     _embeddings: dict = field(default_factory=dict, repr=False)
     _finetuned: dict = field(default_factory=dict, repr=False)
 
@@ -123,6 +129,19 @@ class EvalContext:
         model_dir = Path(model_dir).resolve()
         return model_dir.parent.name if model_dir.name == "model" else model_dir.name
 
+    def random_init_twin(self, model_dir: Path, seed: int) -> Path:
+        """The random-init twin of `model_dir` for `seed` (fm.eval.controls.random_init_twin), written
+        once per run to <output>/controls/<label>_random_init_seed<k>. One twin per seed, so the spread
+        over seeds of a control row includes the spread over random initialisations."""
+        from fm.eval.controls import random_init_twin
+
+        key = (str(Path(model_dir).resolve()), seed)
+        if key not in self._twins:
+            out = self.output_dir / "controls" / f"{self.model_label(model_dir)}_random_init_seed{seed}"
+            self._twins[key] = random_init_twin(model_dir, out, seed)
+            log.info("random-init twin of %s (seed %d) → %s", model_dir, seed, out)
+        return self._twins[key]
+
     def fm_embeddings(self, adata, model_dir: Path) -> np.ndarray:
         """Zero-shot cell embeddings of `adata` (raw counts) from a checkpoint, cached per (model, cells, genes).
 
@@ -164,6 +183,7 @@ class EvalContext:
 
         import fm
 
+        self.finetune_calls += 1
         label = self.model_label(model_dir)
         key = (str(Path(model_dir).resolve()), task, dataset, seed)
         if key not in self._finetuned:

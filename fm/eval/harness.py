@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 
 from fm.eval.context import EvalContext, timed
+from fm.eval.controls import RANDOM_INIT, SCRATCH, row_name
 from fm.eval.registry import get_task
 
 log = logging.getLogger("fm.eval")
@@ -95,19 +96,28 @@ def resolve_profile(suite: dict, profile: str, seeds: list[int] | None = None) -
             "caps": caps}
 
 
-def method_runs(method: str, models: list[Path]) -> list[tuple[str, Path | None]]:
-    """(row name, model_dir) of each run of a method: a baseline once (model_dir None), an FM method
-    once per checkpoint, named `method[<model label>]`."""
+def method_runs(method: str, ctx: EvalContext, seed: int) -> list[tuple[str, Path | None, bool]]:
+    """(label, model_dir, is_twin) of each run of a method: a baseline once (label = its name, model_dir
+    None); an FM method once per checkpoint and, with ctx.controls, once more on its random-init twin
+    for this seed (fm.eval.controls; the row is named after the run, see run_task)."""
     if not is_fm_method(method):
-        return [(method, None)]
-    return [(f"{method}[{EvalContext.model_label(m)}]", m) for m in models]
+        return [(method, None, False)]
+    runs = []
+    for m in ctx.models:
+        label = EvalContext.model_label(m)
+        runs.append((label, m, False))
+        if ctx.controls:
+            runs.append((label, ctx.random_init_twin(m, seed), True))
+    return runs
 
 
 def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
     """One dataset × seed of a task module → rows {dataset, method, metric, value, runtime_s}.
 
     `module.prepare` builds what every method shares (cells, split, genes, truth) once; each method
-    is `METHODS[name](prepared, ctx)`, FM ones `(prepared, ctx, model_dir)`, timed alone (runtime_s),
+    is `METHODS[name](prepared, ctx)`, FM ones `(prepared, ctx, model_dir)` (rows `name[<model>]`, and
+    with controls `name[<model>:random_init]` or, when the method fine-tuned, `name[<model>:scratch]`
+    on the random-init twin — fm.eval.controls), timed alone (runtime_s),
     and returns an output that `module.score` turns into metrics, or None to skip itself (it says
     why). `module.finalize(prepared, outputs)`, where defined, adds metrics that need every method's
     output at once (agreement between methods, one scib-metrics pass); its rows come last.
@@ -122,11 +132,14 @@ def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalCont
 
     for method in methods:
         fn = module.METHODS[method]
-        for name, model_dir in method_runs(method, ctx.models):
+        for label, model_dir, twin in method_runs(method, ctx, seed):
+            calls = ctx.finetune_calls
             with timed() as t:
                 output = fn(prepared, ctx) if model_dir is None else fn(prepared, ctx, model_dir)
             if output is None:
                 continue
+            control = (SCRATCH if ctx.finetune_calls > calls else RANDOM_INIT) if twin else None
+            name = label if model_dir is None else row_name(method, label, control)
             runtimes[name] = t.seconds
             values = module.score(prepared, output)
             add(name, values)
@@ -142,8 +155,11 @@ def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalCont
 
 
 def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval", seeds=None,
-              data_dir=None, write: bool = True) -> pd.DataFrame:
+              data_dir=None, write: bool = True, controls: bool = True) -> pd.DataFrame:
     """Run one suite and (by default) write results.csv, results.md, plots and meta.json.
+
+    `controls` (default on) adds the random-init twin rows of every FM method (fm.eval.controls);
+    they cost as much again as the FM methods themselves.
 
     Returns the tidy results (task, dataset, method, metric, value, seed, runtime_s).
     """
@@ -164,7 +180,8 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ctx = EvalContext(output_dir=output_dir, profile=profile, models=models,
-                      data_dir=Path(data_dir) if data_dir else default_data_dir(), caps=plan["caps"])
+                      data_dir=Path(data_dir) if data_dir else default_data_dir(), caps=plan["caps"],
+                      controls=controls)
     rows = []
     for dataset in plan["datasets"]:
         for seed in plan["seeds"]:
@@ -180,14 +197,15 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
         from fm.eval.report import write_report
 
         write_report(df, output_dir, suite=suite, profile=profile, seeds=plan["seeds"], models=models,
-                     caps=plan["caps"], runtime_s=time.perf_counter() - t0)
+                     caps=plan["caps"], runtime_s=time.perf_counter() - t0, fm_controls=controls and bool(models))
     return df
 
 
-def run_suites(suite_paths, profile="cpu", models=(), output_dir="runs/eval", seeds=None) -> pd.DataFrame:
+def run_suites(suite_paths, profile="cpu", models=(), output_dir="runs/eval", seeds=None,
+               controls: bool = True) -> pd.DataFrame:
     """Several suites: each into output_dir/<task>/, plus a combined results.md at output_dir."""
     if len(suite_paths) == 1:
-        return run_suite(suite_paths[0], profile, models, output_dir, seeds)
+        return run_suite(suite_paths[0], profile, models, output_dir, seeds, controls=controls)
     from fm.eval.report import write_combined
 
     output_dir = Path(output_dir)
@@ -195,7 +213,7 @@ def run_suites(suite_paths, profile="cpu", models=(), output_dir="runs/eval", se
     frames, tasks = [], []
     for path in suite_paths:
         task = load_suite(path)["task"]
-        frames.append(run_suite(path, profile, models, output_dir / task, seeds))
+        frames.append(run_suite(path, profile, models, output_dir / task, seeds, controls=controls))
         tasks.append(task)
     write_combined(output_dir, tasks, profile=profile, runtime_s=time.perf_counter() - t0)
     return pd.concat(frames, ignore_index=True)

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fm.eval.controls import parse_row
+from fm.eval.deltas import VERSUS, fm_deltas, format_delta, lookup, twin_flags
+
 PACKAGES = ("scfm", "torch", "numpy", "scipy", "pandas", "anndata", "scanpy", "scikit-learn", "scib-metrics",
             "jax", "harmonypy", "scanorama", "scvi-tools", "magic-impute", "liana", "celltypist", "matplotlib")
 REPO = Path(__file__).resolve().parents[2]
@@ -58,12 +61,14 @@ def method_order(df: pd.DataFrame, dataset: str, main: str, higher: bool) -> lis
     return ranked + rest
 
 
-def markdown_tables(df: pd.DataFrame, main: str, higher: bool, controls=()) -> str:
-    """Per dataset: methods (best first) × metrics (main first); per-class metrics ('f1:B cell')
-    go to a second, compact table so the main one stays readable."""
+def markdown_tables(df: pd.DataFrame, main: str, higher: bool, controls=(), deltas: pd.DataFrame | None = None) -> str:
+    """Per dataset: methods (best first) × metrics (main first), then for FM rows Δ of the main metric
+    vs the best baseline and vs the random-init twin (fm.eval.deltas; > 0 = FM better); per-class metrics ('f1:B cell') go to a second,
+    compact table so the main one stays readable."""
     if df.empty:
         return "_no results_\n"
     stats = summarise(df)
+    deltas = deltas if deltas is not None else pd.DataFrame(columns=["dataset", "versus"])
     lines = []
     for dataset in df.dataset.unique():
         sub = stats[stats.dataset == dataset]
@@ -72,18 +77,25 @@ def markdown_tables(df: pd.DataFrame, main: str, higher: bool, controls=()) -> s
         detail = [m for m in metrics if ":" in m]
         order = method_order(df, dataset, main, higher)
         rt = df[df.dataset == dataset].drop_duplicates(["method", "seed"]).groupby("method")["runtime_s"].mean()
+        mine = deltas[deltas.dataset == dataset]
+        versus = [v for v in VERSUS if (mine.versus == v).any()]
+        best = mine[mine.versus == "baseline"].reference.iloc[0] if "baseline" in versus else None
         arrow = "↑" if higher else "↓"
         for cols, title in ((main_metrics, ""), (detail, " — per class")):
             if not cols or (title and not detail):
                 continue
             head = [f"**{c}** {arrow}" if c == main else c for c in cols]
-            lines += [f"### {dataset}{title}", "", "| method | " + " | ".join(head) + (" | runtime (s) |" if not title else " |"),
-                      "|---" * (len(cols) + 1 + (not title)) + "|"]
+            extra = [] if title else [f"Δ vs {best}" if v == "baseline" else "Δ vs twin" for v in versus]
+            lines += [f"### {dataset}{title}", "",
+                      "| method | " + " | ".join(head + extra) + (" | runtime (s) |" if not title else " |"),
+                      "|---" * (len(cols) + len(extra) + 1 + (not title)) + "|"]
             for method in order:
                 cells = []
                 for c in cols:
                     r = sub[(sub.method == method) & (sub.metric == c)]
                     cells.append(_fmt(r["mean"].iloc[0], r["sd"].iloc[0], int(r["n"].iloc[0])) if len(r) else "")
+                if not title:
+                    cells += [format_delta(lookup(mine, dataset, method, v)) for v in versus]
                 name = f"{method} (control)" if method in controls else method
                 tail = f" | {rt.get(method, np.nan):.1f} |" if not title else " |"
                 lines.append(f"| {name} | " + " | ".join(cells) + tail)
@@ -102,7 +114,8 @@ def plot_main_bars(df, path: Path, main: str, higher: bool, controls=()) -> None
         s = df[(df.dataset == dataset) & (df.metric == main)].groupby("method", sort=False)["value"]
         order = [m for m in method_order(df, dataset, main, higher) if m in s.groups][::-1]
         mean, sd = s.mean().reindex(order), s.std().reindex(order).fillna(0)
-        colors = ["#999999" if m in controls else ("#d95f02" if m.startswith("fm") else "#1b9e77") for m in order]
+        colors = ["#999999" if m in controls else "#fdb863" if parse_row(m)[2] else
+                  "#d95f02" if m.startswith("fm") else "#1b9e77" for m in order]
         ax.barh(order, mean.values, xerr=sd.values, color=colors)
         ax.set_title(dataset, fontsize=10)
         ax.set_xlabel(f"{main} ({'higher' if higher else 'lower'} is better)")
@@ -177,11 +190,16 @@ def plot_umaps(df, output_dir: Path, main: str, higher: bool, controls=()) -> li
 
 
 def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, seeds, models, caps,
-                 runtime_s: float) -> None:
+                 runtime_s: float, fm_controls: bool = False) -> None:
+    """results.csv, deltas.csv (Δ of FM rows, fm.eval.deltas), results.md, plots and meta.json.
+    `fm_controls`: the run carried random-init twin rows (recorded in the command and meta.json)."""
     module = suite["_module"]
     main, higher, controls = module.MAIN_METRIC, module.HIGHER_IS_BETTER, list(module.CONTROLS)
     output_dir = Path(output_dir)
     df.to_csv(output_dir / "results.csv", index=False)
+    deltas = fm_deltas(df, main, higher, controls)
+    deltas.to_csv(output_dir / "deltas.csv", index=False)
+    flags = twin_flags(deltas)
     plots = []
     if not df.empty:
         plot_main_bars(df, output_dir / f"{suite['task']}_{main}.png".replace(":", "_"), main, higher, controls)
@@ -193,16 +211,25 @@ def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, 
         if "umap" in extra:
             plots += [p.name for p in plot_umaps(df, output_dir, main, higher, controls)]
     command = " ".join(["fm eval", suite["_path"], "--profile", profile,
-                        *[f"--model {m}" for m in models], "--output", str(output_dir)])
+                        *[f"--model {m}" for m in models], *(["--no-controls"] if models and not fm_controls else []),
+                        "--output", str(output_dir)])
     md = [f"## {suite['task']} (profile `{profile}`, seeds {list(seeds)})", "",
           f"Main metric **{main}** ({'higher' if higher else 'lower'} is better); controls: {', '.join(controls)}. "
           f"Mean ± sd over seeds where more than one. Runtime: {runtime_s:.0f} s in all.", "",
-          f"Command: `{command}`", "", markdown_tables(df, main, higher, controls)]
+          f"Command: `{command}`", ""]
+    if not deltas.empty:
+        md += [(f"Δ = {main} difference of an FM row vs the best classical baseline (not FM, not a control) and vs "
+                "its random-init twin (`[<model>:random_init]` zero-shot, `[<model>:scratch]` fine-tuned from random "
+                "weights), oriented so that > 0 means the FM row is better; mean of per-seed paired differences "
+                "with a 95 % t-interval when n ≥ 2 seeds."), ""]
+        md += [f"{flag}  " for flag in flags] + ([""] if flags else [])
+    md.append(markdown_tables(df, main, higher, controls, deltas))
     (output_dir / "results.md").write_text("\n".join(md))
     meta = {"task": suite["task"], "suite": suite["_path"], "profile": profile, "seeds": list(seeds),
             "models": [str(m) for m in models], "caps": caps, "main_metric": main, "higher_is_better": higher,
             "controls": controls, "runtime_s": round(runtime_s, 2), "git_sha": git_sha(), "command": command,
-            "argv": sys.argv, "versions": versions(), "plots": plots}
+            "argv": sys.argv, "versions": versions(), "plots": plots, "fm_controls": fm_controls,
+            "twin_flags": flags}
     (output_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
