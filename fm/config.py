@@ -129,7 +129,10 @@ class TrainConfig:
     output_dir: str = "runs/pretrain"
     """Where logs, checkpoints and the exported model go."""
     max_steps: int = 1000
-    """Optimizer steps (each = grad_accum micro-batches)."""
+    """Optimizer steps (each = grad_accum micro-batches); with `epochs` set, an upper bound on them."""
+    epochs: float | None = None
+    """Budget in passes over the training cells (fractions allowed): steps = ceil(epochs × optimizer steps
+    per epoch), capped by max_steps — whichever budget is smaller ends the run. None = max_steps alone."""
     batch_size: int = 32
     """Cells per micro-batch per process. Global batch = batch_size × grad_accum × processes."""
     grad_accum: int = 1
@@ -152,6 +155,11 @@ class TrainConfig:
     """Write a row to train_log.csv every N steps."""
     eval_every: int = 0
     """Evaluate on the held-out cells every N steps; 0 = only at the end."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations in a row without a lower `early_stopping_metric`, and export the
+    best-on-validation weights instead of the last; 0 = off. Needs eval_every > 0 and held-out cells."""
+    early_stopping_metric: str = "eval_loss"
+    """The held-out value early stopping watches (lower is better): any key of eval_log.jsonl."""
     save_every: int = 500
     """accelerate.save_state every N steps for resume; 0 = only at the end."""
     save_total_limit: int = 2
@@ -165,6 +173,13 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"train.epochs must be > 0 (or null to train for max_steps), got {self.epochs}")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"train.early_stopping_patience must be >= 0 (0 = off), got {self.early_stopping_patience}")
+        if not self.early_stopping_metric.startswith("eval_"):
+            raise ValueError("train.early_stopping_metric must name a held-out value (eval_loss, eval_…), "
+                             f"got {self.early_stopping_metric!r}")
 
 
 @dataclass

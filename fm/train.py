@@ -13,11 +13,15 @@ from code paths of our own. What this file adds on top (see README "Multi-node t
 - DeepSpeed's "auto" batch, accumulation and clipping values are filled from TrainConfig;
 - SIGTERM → checkpoint at the next step boundary on all ranks → return `stopped=True`;
 - the data position is stored in cells, so `--resume` with another world size (and the same
-  global batch, e.g. twice the per-process batch on half the processes) continues at the same cell.
+  global batch, e.g. twice the per-process batch on half the processes) continues at the same cell;
+- the budget: `train.max_steps`, or `train.epochs` passes over the training cells capped by max_steps
+  (`budget_steps`); early stopping on the held-out cells with the best weights exported
+  (fm/early_stopping.py).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from fm.config import TrainConfig
+from fm.early_stopping import EarlyStopping
 from fm.train_state import (CHECKPOINTS, EXIT_PREEMPTED, STATE_FILE, StopSignal, append_history, latest_checkpoint,
                             log_eval, open_history, process_counters, read_state, save_checkpoint)
 
@@ -78,7 +83,17 @@ class TrainResult:
     stopped: bool = False
     """True when a signal stopped the run after a checkpoint (exit code EXIT_PREEMPTED; rerun with --resume)."""
     model: Any = field(default=None, repr=False)
-    """The trained, accelerate-prepared model (DDP/DeepSpeed-wrapped; `accelerator.unwrap_model` it)."""
+    """The trained, accelerate-prepared model (DDP/DeepSpeed-wrapped; `accelerator.unwrap_model` it). With
+    early stopping its main-process copy holds the best weights (not under DeepSpeed: the export does)."""
+    early_stopped: bool = False
+    """True when train.early_stopping_patience ended the run before its step budget."""
+    best_step: int | None = None
+    """With early stopping: the step whose weights were exported (best held-out value), else None."""
+    best_metric: float | None = None
+    """That step's train.early_stopping_metric."""
+    heldout: dict = field(default_factory=dict)
+    """Task scores of the returned model on the held-out cells, where the task computes them (annotation:
+    accuracy, macro_f1, n)."""
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -151,6 +166,36 @@ def evaluate(model, accelerator: Accelerator, dataset, collator, batch_size: int
     return {f"eval_{k}": float(total[i] / max(float(total[-1]), 1.0)) for i, k in enumerate(keys)}
 
 
+def budget_steps(cfg: TrainConfig, micro_per_epoch: int) -> int:
+    """Optimizer steps this run trains for: max_steps, or — when train.epochs is set — epochs × optimizer
+    steps per epoch (global micro-batches per epoch / grad_accum), rounded up, capped by max_steps.
+    Depends on the global batch, not on how it is split over processes, so resume agrees with itself."""
+    if cfg.epochs is None:
+        return cfg.max_steps
+    by_epochs = max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum - 1e-9))
+    if by_epochs > cfg.max_steps:
+        log.info("train.epochs=%g would be %d steps (%.1f per epoch); train.max_steps=%d caps it",
+                 cfg.epochs, by_epochs, micro_per_epoch / cfg.grad_accum, cfg.max_steps)
+        return cfg.max_steps
+    log.info("train.epochs=%g: %d steps (%.1f per epoch; train.max_steps=%d is the cap)", cfg.epochs, by_epochs,
+             micro_per_epoch / cfg.grad_accum, cfg.max_steps)
+    return by_epochs
+
+
+def _early_stopping(cfg: TrainConfig, eval_dataset) -> EarlyStopping:
+    """The tracker for this run; off (with a warning saying why) when nothing would be evaluated."""
+    patience = cfg.early_stopping_patience
+    if patience and not cfg.eval_every:
+        log.warning("train.early_stopping_patience=%d needs periodic evaluation: train.eval_every is 0, so early "
+                    "stopping is off and the last weights are exported", patience)
+        patience = 0
+    if patience and (eval_dataset is None or len(eval_dataset) == 0):
+        log.warning("train.early_stopping_patience=%d needs held-out cells (data.val_fraction > 0): none, so early "
+                    "stopping is off and the last weights are exported", patience)
+        patience = 0
+    return EarlyStopping(patience, cfg.early_stopping_metric)
+
+
 def _resume_position(state: dict, cfg: TrainConfig, world: int, micro_per_epoch: int) -> tuple[int, int]:
     """(epoch, global micro-batches to skip in it) for this launch's batch size and world size."""
     micro_batch = cfg.batch_size * world  # cells per global micro-batch now
@@ -173,7 +218,8 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
           export: Callable[[torch.nn.Module, dict, Path], None] | None = None, resume: bool = False,
           accelerator: Accelerator | None = None, num_workers: int = 0,
           callbacks: Sequence[Callable[[torch.nn.Module, int], None]] = ()) -> TrainResult:
-    """Train `model` (whose forward returns `.loss` when given labels) for cfg.max_steps optimizer steps.
+    """Train `model` (whose forward returns `.loss` when given labels) for `budget_steps` optimizer steps,
+    or fewer when early stopping ends it (then the best-on-`eval_dataset` weights are exported).
 
     `callbacks(model, step)` (e.g. fm.quality.QualityMonitor) run on the main process with the unwrapped
     model at the start, at every eval_every and at the end."""
@@ -185,21 +231,24 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
     set_seed(cfg.seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # transformers 5 alias of activation checkpointing
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_epoch = len(make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, 0, 0))
     if micro_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training cells cannot fill one global batch of "
                          f"{cfg.batch_size} × {world} processes; lower train.batch_size")
+    total = budget_steps(cfg, micro_per_epoch)  # the schedule's length: known before the optimizer exists
+    stopper = _early_stopping(cfg, eval_dataset)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total), total)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
     step, epoch, offset = 0, 0, 0
     if resume and (ckpt := latest_checkpoint(out)) is not None:
         accelerator.load_state(str(ckpt))
         state = read_state(ckpt)
         step = state["step"]
         epoch, offset = _resume_position(state, cfg, world, micro_per_epoch)
+        stopper.restore(state.get("early_stopping"), ckpt, accelerator.is_main_process)
         log.info("resumed from %s at step %d (epoch %d, global micro-batch %d, %d processes; saved by %s)",
                  ckpt, step, epoch, offset, world, state.get("world_size", "?"))
     elif resume:
@@ -210,16 +259,17 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
         return {"epoch": epoch, "cells_in_epoch": offset * cfg.batch_size * world, "world_size": world,
                 "distributed_type": str(accelerator.distributed_type.value), "batch_size": cfg.batch_size,
                 "grad_accum": cfg.grad_accum, "global_batch": cfg.batch_size * cfg.grad_accum * world,
-                "processes": process_counters(accelerator, seen_micro, seen_cells)}
+                "processes": process_counters(accelerator, seen_micro, seen_cells), "budget_steps": total,
+                "early_stopping": stopper.state() if stopper.enabled else None}
 
     _run_callbacks(callbacks, accelerator, model, step)
     model.train()
     micro, seen_micro, seen_cells, stopped = step * cfg.grad_accum, 0, 0, False
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
+    bar = tqdm(total=total, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
                desc="train", dynamic_ncols=True)
     t0, cells, tokens, parts_sum, n_parts = time.perf_counter(), 0, 0, {}, 0
     with StopSignal() as stop:
-        while step < cfg.max_steps and not stopped:
+        while step < total and not stopped and not stopper.should_stop:
             collator.epoch = epoch
             sampler = make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, epoch, offset)
             # a private generator: creating an iterator must not consume the global RNG (dropout), or a
@@ -248,20 +298,26 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
                     continue
                 step += 1
                 bar.update(1)
-                if step % cfg.log_every == 0 or step in (1, cfg.max_steps):
+                if step % cfg.log_every == 0 or step in (1, total):
                     row = _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tokens, t0)
                     history.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     append_history(out / "train_log.csv", row, accelerator.is_main_process)
                     parts_sum, n_parts = {}, 0
                 if cfg.eval_every and step % cfg.eval_every == 0:
-                    log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size),
-                             accelerator)
+                    metrics = evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size)
+                    log_eval(out, step, metrics, accelerator)
+                    if stopper.update(metrics, step):  # reduced metrics: every rank decides alike
+                        stopper.capture(accelerator, model)
+                    elif stopper.should_stop:
+                        log.info(stopper.describe_stop(step, epoch))
                     _run_callbacks(callbacks, accelerator, model, step)
                 stopped = stop.requested(accelerator)  # all ranks agree: any rank's signal stops every rank
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopped:
-                    save_checkpoint(accelerator, out, step, cfg.save_total_limit, position())
-                if step >= cfg.max_steps or stopped:
+                done = step >= total or stopper.should_stop
+                if (cfg.save_every and step % cfg.save_every == 0) or done or stopped:
+                    save_checkpoint(accelerator, out, step, cfg.save_total_limit, position(),
+                                    stopper.checkpoint_files())
+                if done or stopped:
                     break
             else:  # the epoch ran out
                 epoch, offset = epoch + 1, 0
@@ -271,17 +327,38 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
                     step, EXIT_PREEMPTED)
         return TrainResult(step, history, None, stopped=True, model=model)
     if not (cfg.eval_every and step % cfg.eval_every == 0):  # the loop has not just evaluated this step
-        log_eval(out, step, evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size), accelerator)
+        metrics = evaluate(model, accelerator, eval_dataset, collator, cfg.batch_size)
+        log_eval(out, step, metrics, accelerator)
+        if stopper.update(metrics, step, count=False):
+            stopper.capture(accelerator, model)
         _run_callbacks(callbacks, accelerator, model, step)
+    if not stopper.should_stop:
+        log.info("trained the full budget: %d steps (epoch %d)", step, epoch)
+    _use_best_weights(stopper, accelerator, model, step)
     export_dir = None
     if export is not None:
         export_dir = out / "model"
         # collective: every rank must call it (ZeRO-3 gathers the shards); non-main ranks get None
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            export(accelerator.unwrap_model(model), state_dict, export_dir)
+            export(accelerator.unwrap_model(model), stopper.weights or state_dict, export_dir)
     accelerator.wait_for_everyone()
-    return TrainResult(step, history, export_dir, model=model)
+    return TrainResult(step, history, export_dir, model=model, early_stopped=stopper.should_stop,
+                       best_step=stopper.best_step, best_metric=stopper.best)
+
+
+def _use_best_weights(stopper: EarlyStopping, accelerator, model, step: int) -> None:
+    """Load the best-on-validation weights into the main process's model (what `export` then writes and
+    TrainResult.model holds). Under DeepSpeed the engine owns (sharded) weights: only the export gets them."""
+    if not (stopper.enabled and stopper.best_step is not None):
+        return
+    log.info("exporting the best held-out weights: step %d (%s=%.4f); the run ended at step %d",
+             stopper.best_step, stopper.metric, stopper.best, step)
+    if accelerator.is_main_process and stopper.weights is None:
+        log.warning("the best weights of step %d are not available (a checkpoint without %s); exporting the last",
+                    stopper.best_step, "best_weights.pt")
+    elif accelerator.is_main_process and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        accelerator.unwrap_model(model).load_state_dict(stopper.weights)
 
 
 def _run_callbacks(callbacks, accelerator, model, step: int) -> None:
@@ -317,6 +394,6 @@ def _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tok
     return row
 
 
-__all__ = ["CHECKPOINTS", "STATE_FILE", "EXIT_PREEMPTED", "ShardedBatchSampler",
+__all__ = ["CHECKPOINTS", "STATE_FILE", "EXIT_PREEMPTED", "ShardedBatchSampler", "budget_steps",
            "make_batch_sampler", "TrainResult", "evaluate", "latest_checkpoint", "make_accelerator",
            "save_checkpoint", "train"]

@@ -45,12 +45,16 @@ def process_counters(accelerator: Accelerator, micro_batches: int, cells: int) -
     return [dict(zip(("rank", "node_rank", "micro_batches", "cells"), map(int, r))) for r in rows]
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, state: dict | None = None) -> Path:
-    """accelerate.save_state (on every rank: DeepSpeed writes shards from each) + trainer_state.json last."""
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, state: dict | None = None,
+                    files: dict[str, object] | None = None) -> Path:
+    """accelerate.save_state (on every rank: DeepSpeed writes shards from each), then `files` (name →
+    object, torch.save'd by the main process, e.g. the best weights), then trainer_state.json last."""
     ckpt = out / CHECKPOINTS / f"step_{step}"
     accelerator.save_state(str(ckpt))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, obj in (files or {}).items():
+            torch.save(obj, ckpt / name)
         (ckpt / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}, indent=1))
         done = sorted((out / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
         for old in done[:-keep] if keep > 0 else []:

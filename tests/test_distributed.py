@@ -287,3 +287,21 @@ def test_slurm_two_nodes_preempt_requeue_resume(tmp_path, ddp):
     a, b = logged(ddp), logged(out)
     assert sorted(b) == list(range(1, STEPS + 1))
     assert_same_curve(a, b, range(1, STEPS + 1), SAME_RTOL)
+
+
+def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path):
+    """Two DDP processes decide from the reduced held-out loss: both stop at the step a 1-process run
+    with the same global batch stops at, and rank 0 exports that run's best weights."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_train import _toy_run
+
+    single, single_export = _toy_run(tmp_path / "one", early_stopping_patience=3)
+    out = tmp_path / "two"
+    run(accelerate("ddp", 2, "tests/dist_early_stop.py", str(out)), env(**CPU), tmp_path / "log.txt")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert (r["step"], r["best_step"], r["early_stopped"]) == (single.step, single.best_step, True), r
+    assert ranks[0]["theta"] == pytest.approx(float(single_export["theta.weight"]), abs=1e-6)
+    assert ranks[1]["theta"] is None, "only rank 0 exports"
+    assert state(out)["world_size"] == 2 and state(out)["early_stopping"]["stopped_at"] == single.step

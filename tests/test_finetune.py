@@ -299,3 +299,62 @@ def test_transfer_labels_zero_shot(tiny_model_dir, small_h5ad_path):
     assert agree > 0.95, agree
     with pytest.raises(KeyError, match="celltype_l2"):
         fm.transfer_labels(query, reference, model, label_key="celltype_l2")
+
+
+def test_balanced_class_weights_match_sklearn_and_weight_the_loss(tiny_model_dir, pbmc_small):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from fm.tasks.annotation import balanced_class_weights
+
+    labels = np.array([0, 0, 0, 1, IGNORE_INDEX, 2, 2])
+    w = balanced_class_weights(labels, 4)  # class 3 has no training cell
+    known = labels[labels != IGNORE_INDEX]
+    np.testing.assert_allclose(w[:3], compute_class_weight("balanced", classes=np.arange(3), y=known), rtol=1e-6)
+    assert w[3] == w.max() and w[known].mean() == pytest.approx(1.0), "mean 1 over the labelled training cells"
+
+    model, _ = _classifier(tiny_model_dir)
+    model.eval()
+    y = np.arange(24) % 3
+    y[:12] = 0  # class 0 common, 1 and 2 rare
+    batch = _batch(tiny_model_dir, pbmc_small[:24], y)
+    batch["labels"][0] = IGNORE_INDEX
+    cw = torch.from_numpy(balanced_class_weights(batch["labels"].numpy(), 3))
+    per_cell = torch.where(batch["labels"] == IGNORE_INDEX, 0.0, cw[batch["labels"].clamp(min=0)])
+    out = model(**batch, label_weights=per_cell)
+    expected = torch.nn.functional.cross_entropy(out.logits, batch["labels"], weight=cw, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.allclose(out.loss, model(**batch).loss), "the weights change the loss"
+    with pytest.raises(ValueError, match="class_weighting"):
+        load_config(recipe_path(RECIPE), ["task.class_weighting=inverse"])
+
+
+@pytest.mark.parametrize("weighting", ["balanced", "none"])
+def test_finetune_class_weights_reach_the_batches(weighting, tiny_model_dir, pbmc_small, tmp_path, caplog,
+                                                  monkeypatch):
+    """run(): weights from the training split only, logged, and in every training and held-out batch;
+    with epochs + early stopping the run stops on the held-out loss and says why."""
+    import fm.tasks.annotation as annotation
+
+    seen, real = {}, annotation.train_task
+
+    def spy(model, tokenizer, train_cells, val_cells, collator, cfg, *args):
+        seen.update(train=train_cells, val=val_cells, collator=collator)
+        return real(model, tokenizer, train_cells, val_cells, collator, cfg, *args)
+
+    monkeypatch.setattr(annotation, "train_task", spy)
+    fm.finetune(tiny_model_dir, pbmc_small, task="annotation", output_dir=tmp_path / "ft",
+                overrides={"task.class_weighting": weighting, "task.min_cells_per_class": 1, "train.epochs": 40,
+                           "train.max_steps": 400, "train.batch_size": 32, "train.eval_every": 2,
+                           "train.early_stopping_patience": 2, "train.progress": False, "train.save_every": 0,
+                           "train.lr": 3e-2, "data.max_genes": 32, "data.val_fraction": 0.2})
+    batch = seen["collator"]([seen["val"][i] for i in range(8)])
+    if weighting == "none":
+        assert "label_weights" not in batch and "class weights" not in caplog.text
+        return
+    y = seen["train"].targets["label"]
+    expected = annotation.balanced_class_weights(y, int(y.max()) + 1)
+    labels = batch["labels"].numpy()
+    np.testing.assert_allclose(batch["label_weights"].numpy(), expected[labels], rtol=1e-6)
+    assert "class weights (task.class_weighting=balanced, from 160 labelled training cells)" in caplog.text
+    assert "early stopping at step" in caplog.text and "exporting the best held-out weights" in caplog.text
+    assert "train.epochs=40: 200 steps (5.0 per epoch" in caplog.text

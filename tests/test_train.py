@@ -1,6 +1,10 @@
 """The training loop: export, resume = uninterrupted, no silent overwrite (on the real small files when
 the shared data is there, else generated stand-ins; the debug recipe's own run needs the real data)."""
 import csv
+import json
+import shutil
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,10 +12,10 @@ from transformers import AutoModel
 
 import fm
 from conftest import tiny_overrides
-from fm.config import load_config
+from fm.config import TrainConfig, load_config
 from fm.paths import recipe_path
 from fm.pretrain import run_pretraining
-from fm.train import CHECKPOINTS
+from fm.train import CHECKPOINTS, budget_steps, latest_checkpoint, train
 
 
 def _losses(path):
@@ -37,7 +41,6 @@ def test_resume_continues_with_the_same_losses(tmp_path, small_h5ad_path):
     run_b = tmp_path / "b"
     cfg_b = load_config(recipe_path("debug"), tiny_overrides(run_b, [small_h5ad_path], 12, **extra))
     run_pretraining(cfg_b)
-    import shutil
     shutil.rmtree(run_b / CHECKPOINTS / "step_12")  # as if killed between step 10 and 12
     shutil.rmtree(run_b / CHECKPOINTS / "step_10")  # … and between 5 and 10
     resumed = run_pretraining(cfg_b, resume=True)
@@ -104,3 +107,95 @@ def test_weight_decay_is_chosen_by_module_type():
         assert id(p) in ids
     assert not ({id(p) for p in model["frozen"].parameters()} & (ids | {id(p) for p in decay["params"]}))
     assert no_decay["weight_decay"] == 0.0 and isinstance(decay["params"][0], torch.nn.Parameter)
+
+
+# ---------------------------------------------------------------- budget and early stopping (a toy model)
+# One weight θ (init 0) fitted to targets 2 on the training cells while the held-out cells want 1: the
+# held-out loss falls until θ passes 1 and rises after, so "the best step" is known in advance.
+
+class _Theta(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.theta = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.zeros_(self.theta.weight)
+
+    def forward(self, gene_ids, attention_mask, x, labels):
+        return SimpleNamespace(loss=((self.theta(x)[:, 0] - labels) ** 2).mean())
+
+
+@dataclass
+class _ToyCollator:
+    epoch: int = 0
+
+    def __call__(self, rows):
+        n = len(rows)
+        return {"gene_ids": torch.zeros(n, 1, dtype=torch.long), "attention_mask": torch.ones(n, 1),
+                "x": torch.ones(n, 1), "labels": torch.tensor([r for r in rows], dtype=torch.float32)}
+
+
+def _toy_cfg(out, **kw):
+    base = {"output_dir": str(out), "max_steps": 100, "batch_size": 8, "lr": 0.05, "weight_decay": 0.0,
+            "warmup_steps": 0, "eval_every": 2, "save_every": 0, "progress": False, "log_every": 1}
+    return TrainConfig(**{**base, **kw})
+
+
+def _toy_run(out, resume=False, **kw):
+    exported = {}
+    result = train(_Theta(), [2.0] * 40, _ToyCollator(), _toy_cfg(out, **kw), eval_dataset=[1.0] * 16,
+                   export=lambda model, state_dict, d: exported.update(state_dict), resume=resume)
+    return result, exported
+
+
+def _evals(out):
+    return [json.loads(line) for line in (out / "eval_log.jsonl").read_text().splitlines()]
+
+
+def test_epochs_set_the_step_budget_capped_by_max_steps(tmp_path):
+    # 40 cells, batch 8 → 5 micro-batches per epoch; grad_accum 2 → 2.5 optimizer steps per epoch
+    assert budget_steps(_toy_cfg(tmp_path, epochs=3.0, grad_accum=2), 5) == 8  # ceil(7.5)
+    assert budget_steps(_toy_cfg(tmp_path, epochs=2.0, grad_accum=2), 5) == 5
+    assert budget_steps(_toy_cfg(tmp_path, epochs=2.0, max_steps=3, grad_accum=2), 5) == 3  # the cap wins
+    assert budget_steps(_toy_cfg(tmp_path, max_steps=7), 5) == 7  # epochs unset: max_steps alone
+    result, _ = _toy_run(tmp_path, epochs=3.0, grad_accum=2, eval_every=0)
+    assert result.step == 8 and not result.early_stopped and result.best_step is None
+    assert result.history[-1]["epoch"] == 3 and result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9), \
+        "the cosine schedule ends at the epoch budget"
+
+
+def test_early_stopping_stops_and_exports_the_best_weights(tmp_path, caplog):
+    result, exported = _toy_run(tmp_path, early_stopping_patience=3)
+    evals = _evals(tmp_path)
+    losses = {e["step"]: e["eval_loss"] for e in evals}
+    best_step = min(losses, key=losses.get)
+    assert result.early_stopped and result.step == best_step + 3 * 2 < 100, (result.step, losses)
+    assert result.best_step == best_step and result.best_metric == pytest.approx(losses[best_step])
+    assert max(losses) == result.step, "evaluations end where it stopped"
+    theta = float(exported["theta.weight"])
+    assert (theta - 1) ** 2 == pytest.approx(losses[best_step], rel=1e-5), "the export is the best step's weights"
+    assert float(result.model.theta.weight.detach()) == pytest.approx(theta), "…and so is the returned model"
+    assert "early stopping at step" in caplog.text and "exporting the best held-out weights" in caplog.text
+
+
+def test_early_stopping_resumes_like_an_uninterrupted_run(tmp_path):
+    full, full_export = _toy_run(tmp_path / "a", early_stopping_patience=3)
+    _toy_run(tmp_path / "b", early_stopping_patience=3, save_every=4, save_total_limit=100)
+    ckpts = sorted((tmp_path / "b" / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    resume_from = next(c for c in ckpts if int(c.name.split("_")[1]) > full.best_step)
+    for c in ckpts:  # killed just after the first checkpoint past the best step: the best is in it
+        if int(c.name.split("_")[1]) > int(resume_from.name.split("_")[1]):
+            shutil.rmtree(c)
+    assert (resume_from / "best_weights.pt").is_file() and latest_checkpoint(tmp_path / "b") == resume_from
+    resumed, resumed_export = _toy_run(tmp_path / "b", resume=True, early_stopping_patience=3, save_every=4,
+                                       save_total_limit=100)
+    assert (resumed.step, resumed.best_step, resumed.early_stopped) == (full.step, full.best_step, True)
+    assert float(resumed_export["theta.weight"]) == pytest.approx(float(full_export["theta.weight"]), abs=1e-7)
+    # resuming a run that already stopped early trains nothing more and exports the same best weights
+    again, again_export = _toy_run(tmp_path / "b", resume=True, early_stopping_patience=3, save_every=4)
+    assert again.step == full.step and torch.equal(again_export["theta.weight"], resumed_export["theta.weight"])
+
+
+def test_early_stopping_without_periodic_evaluation_is_off_and_says_so(tmp_path, caplog):
+    result, exported = _toy_run(tmp_path, early_stopping_patience=2, eval_every=0, max_steps=12)
+    assert result.step == 12 and not result.early_stopped and result.best_step is None
+    assert "train.eval_every is 0, so early stopping is off" in caplog.text
+    assert torch.equal(exported["theta.weight"], result.model.theta.weight.detach())

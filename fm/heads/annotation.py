@@ -35,8 +35,8 @@ from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
 
 @dataclass
 class ScFMAnnotationOutput(ModelOutput):
-    """loss: mean cross-entropy over labelled cells (when labels given); logits (B, num_labels);
-    cell_embedding (B, D) from the backbone."""
+    """loss: cross-entropy over labelled cells (when labels given; weighted mean with label_weights);
+    logits (B, num_labels); cell_embedding (B, D) from the backbone."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -85,18 +85,26 @@ class ScFMForAnnotation(ScFMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        label_weights: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> ScFMAnnotationOutput | tuple:
-        """labels: (B,) long class index per cell, IGNORE_INDEX for unlabelled cells."""
+        """labels: (B,) long class index per cell, IGNORE_INDEX for unlabelled cells. label_weights: (B,)
+        each cell's weight in the loss (e.g. its class's balanced weight, task.class_weighting); the loss
+        is then sum(w·ce) / sum(w) over labelled cells — torch's `cross_entropy(weight=…)` mean, per cell."""
         out = self.scfm(gene_ids, values, attention_mask, condition_ids)
         logits = self.classifier_head(out.cell_embedding)
         loss = None
         if labels is not None:
             labels = labels.to(logits.device).long()
-            if bool((labels != IGNORE_INDEX).any()):
-                loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-            else:  # a batch of unlabelled cells: zero loss, still in the graph
+            known = labels != IGNORE_INDEX
+            if not bool(known.any()):  # a batch of unlabelled cells: zero loss, still in the graph
                 loss = logits.float().sum() * 0.0
+            elif label_weights is None:
+                loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            else:
+                ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+                w = label_weights.to(ce.device).float() * known
+                loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
         result = ScFMAnnotationOutput(loss=loss, logits=logits, cell_embedding=out.cell_embedding)
         return result if return_dict else result.to_tuple()
 
