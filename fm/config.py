@@ -41,9 +41,12 @@ class ModelConfig:
     """Add scGPT's MVC objective: predict masked values from the cell embedding."""
     generative_mask: bool = False
     """scGPT's attention mask: masked genes are seen only by themselves."""
-    wced: bool = False
-    """Whole-cell expression decoding: the MVC decoder predicts every gene token of the cell (expressed and
-    zero genes, masked or not) from the cell embedding alone, so the embedding must carry the whole cell."""
+    wced_genes: int = 0
+    """Whole-cell expression decoding (BMFM-RNA's WCED): per batch, this many genes of the batch's panels
+    (expressed or not, in the input or not) are decoded from the cell embedding alone, as log1p(CP10k),
+    so the embedding must carry the whole cell; 0 = off."""
+    wced_weight: float = 1.0
+    """Weight of the whole-cell decoding loss."""
     gep_weight: float = 1.0
     """Weight of the per-token GEP loss (0 trains the cell-embedding objectives alone)."""
     init_from: str | None = None

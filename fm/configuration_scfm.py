@@ -43,7 +43,8 @@ class ScFMConfig(PretrainedConfig):
         generative_mask: bool = False,  # scGPT's mask: masked genes are seen only by themselves
         zero_fraction: float = 0.0,  # share of max_genes given to measured-but-unexpressed genes (bin 0)
         mvc: bool = True,  # add scGPT's masked-value-prediction-from-cell-embedding (MVC) loss
-        wced: bool = False,  # MVC scores every gene token (expressed + zero, masked or not): whole-cell decoding
+        wced_genes: int = 0,  # whole-cell expression decoding: panel genes decoded from the cell embedding per batch (0 = off)
+        wced_weight: float = 1.0,  # weight of the whole-cell decoding loss
         gep_weight: float = 1.0,  # weight of the per-token GEP loss (0 = cell-embedding objectives only)
         layer_norm_eps: float = 1e-5,  # PyTorch's LayerNorm default
         initializer_range: float = 0.02,  # std of the normal init, BERT/GPT-2's
@@ -92,7 +93,8 @@ class ScFMConfig(PretrainedConfig):
             raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction}")
         self.zero_fraction = float(zero_fraction)
         self.mvc = bool(mvc)
-        self.wced = bool(wced)
+        self.wced_genes = int(wced_genes)
+        self.wced_weight = float(wced_weight)
         self.gep_weight = float(gep_weight)
         self.layer_norm_eps = float(layer_norm_eps)
         self.initializer_range = float(initializer_range)

@@ -283,6 +283,7 @@ class ScFMMaskedExpressionOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     gep_loss: torch.FloatTensor | None = None
     mvc_loss: torch.FloatTensor | None = None
+    wced_loss: torch.FloatTensor | None = None
     expression: torch.FloatTensor | None = None
     mvc_expression: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
@@ -338,6 +339,23 @@ class ScFMMVCHead(nn.Module):
         return (self.W(q) * cell.unsqueeze(1)).sum(-1)  # (B, L)
 
 
+class ScFMWholeCellHead(nn.Module):
+    """Whole-cell expression decoder (BMFM-RNA's WCED): the log-normalised expression of any gene g from the
+    cell embedding alone, as proj(cell) · query(e_g) + bias(e_g). The gene side reads the model's own gene
+    table, so genes that are expressed together get similar rows."""
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        self.cell = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
+                                  nn.Linear(config.d_model, config.d_model))
+        self.query = nn.Linear(config.d_model, config.d_model)
+        self.bias = nn.Linear(config.d_model, 1)
+
+    def forward(self, gene_emb: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """gene_emb (K, D), cell (B, D) → (B, K)."""
+        return self.cell(cell) @ self.query(gene_emb).T + self.bias(gene_emb).squeeze(-1)
+
+
 class ScFMForMaskedExpression(ScFMPreTrainedModel):
     """Backbone + GEP head (expression from each gene's hidden state) + optional MVC head.
 
@@ -351,6 +369,7 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
         self.scfm = ScFMModel(config)
         self.gep_head = ScFMExpressionHead(config)
         self.mvc_head = ScFMMVCHead(config) if config.mvc else None
+        self.wced_head = ScFMWholeCellHead(config) if config.wced_genes else None
         self.post_init()
 
     def forward(
@@ -361,10 +380,14 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
         condition_ids: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        decode_gene_ids: torch.Tensor | None = None,
+        decode_targets: torch.Tensor | None = None,
+        decode_weights: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> ScFMMaskedExpressionOutput | tuple:
         """labels: (B, L) true value of every gene token; masked_positions: (B, L) bool, the
-        positions scored by the loss (default: values == mask_value_id)."""
+        positions scored by the loss (default: values == mask_value_id); decode_gene_ids (K,),
+        decode_targets / decode_weights (B, K): the whole-cell decoding targets (CellCollator.decode_genes)."""
         attention_mask, masked_positions = prepare_masks(self.config, gene_ids, values, attention_mask,
                                                          masked_positions)
         out = self.scfm(gene_ids, values, attention_mask, condition_ids, masked_positions)
@@ -379,15 +402,19 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
             gep_loss = masked_mse(expression, target, masked_positions)
             loss = self.config.gep_weight * gep_loss
             if mvc_expression is not None:
-                # WCED: the cell embedding must decode the whole cell (zero genes included), not only the masked values
-                scored = attention_mask if self.config.wced else masked_positions
-                mvc_loss = masked_mse(mvc_expression, target, scored)
+                mvc_loss = masked_mse(mvc_expression, target, masked_positions)
                 loss = loss + mvc_loss
+        wced_loss = None
+        if self.wced_head is not None and decode_gene_ids is not None and decode_targets is not None:
+            decoded = self.wced_head(self.scfm.embeddings.embed_genes(decode_gene_ids), out.cell_embedding)
+            wced_loss = masked_mse(decoded, decode_targets, decode_weights)
+            loss = self.config.wced_weight * wced_loss if loss is None else loss + self.config.wced_weight * wced_loss
 
         result = ScFMMaskedExpressionOutput(
             loss=loss,
             gep_loss=gep_loss,
             mvc_loss=mvc_loss,
+            wced_loss=wced_loss,
             expression=expression,
             mvc_expression=mvc_expression,
             cell_embedding=out.cell_embedding,
@@ -420,6 +447,7 @@ __all__ = [
     "ScFMMaskedExpressionOutput",
     "ScFMExpressionHead",
     "ScFMMVCHead",
+    "ScFMWholeCellHead",
     "masked_mse",
     "prepare_masks",
     "register_auto_classes",

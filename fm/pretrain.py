@@ -35,7 +35,7 @@ def build_model(cfg: RunConfig, tokenizer: CellTokenizer) -> ScFMForMaskedExpres
                         d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout,
                         max_genes=cfg.data.max_genes, condition_keys=tokenizer.condition_keys,
                         condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=m.pooling, mvc=m.mvc,
-                        wced=m.wced, gep_weight=m.gep_weight,
+                        wced_genes=m.wced_genes, wced_weight=m.wced_weight, gep_weight=m.gep_weight,
                         generative_mask=m.generative_mask, zero_fraction=cfg.data.zero_fraction)
     torch.manual_seed(cfg.train.seed)  # same seed, same initial weights
     return ScFMForMaskedExpression(config)
@@ -103,7 +103,8 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
                  int(train_cells.train_counts.sum()) if corpus is not None else len(train_cells),
                  0 if val_cells is None else len(val_cells), n_params / 1e6)
     collator = CellCollator(**{**collator_settings(model.config), "max_genes": cfg.data.max_genes},
-                            mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed)
+                            mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed,
+                            decode_genes=model.config.wced_genes)
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells,
                  export=export_pretrained(tokenizer), resume=resume, accelerator=accelerator,
                  num_workers=cfg.data.num_workers, callbacks=quality_monitors(cfg, tokenizer))

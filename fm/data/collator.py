@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fm.preprocessing import TARGET_SUM
 from fm.value_encoding import ValueEncoding, get_value_encoding
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
@@ -99,6 +100,7 @@ class CellCollator:
     zero_fraction: float = 0.0
     pad_to_multiple_of: int = 8  # tensor-core friendly lengths on GPU; costs little on CPU
     epoch: int = 0
+    decode_genes: int = 0  # train only: whole-cell decoding targets for this many panel genes per batch
 
     @property
     def encoding(self) -> ValueEncoding:
@@ -239,7 +241,31 @@ class CellCollator:
             masked[r, c] = mrank < n_mask[r]
             values[masked] = encoding.mask_value_id
             batch.update(masked_positions=masked, labels=labels)
+            if self.decode_genes:
+                batch.update(self._whole_cell_targets(rows, genes, counts, indptr))
         return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _whole_cell_targets(self, rows: list[dict], genes: np.ndarray, counts: np.ndarray,
+                            indptr: np.ndarray) -> dict[str, np.ndarray]:
+        """WCED targets: log1p(CP10k) of `decode_genes` genes drawn from the union of the batch's panels, for
+        every cell — in its tokens or not, expressed or not (0) — weight 0 where its dataset did not measure
+        the gene. Normalised by the cell's total, so decoding them asks for cell state, not library size."""
+        panels = {id(r["panel"]): r["panel"] for r in rows if "panel" in r}
+        if not panels:
+            return {}
+        union = np.unique(np.concatenate(list(panels.values()))).astype(np.int64)
+        k = min(self.decode_genes, union.size)
+        key = hashed_uniform(self.seed, self.epoch, np.full(union.size, int(rows[0]["index"])), union, salt=5)
+        chosen = np.sort(union[np.argsort(key, kind="stable")[:k]])
+        measured = {pid: np.isin(chosen, p) for pid, p in panels.items()}
+        weights = np.stack([measured[id(r["panel"])] if "panel" in r else np.zeros(k, bool) for r in rows])
+        targets = np.zeros((len(rows), k), np.float32)
+        row = np.repeat(np.arange(len(rows)), np.diff(indptr))
+        total = np.maximum(np.bincount(row, weights=counts, minlength=len(rows)), 1.0)
+        j = np.minimum(np.searchsorted(chosen, genes), k - 1)
+        hit = chosen[j] == genes
+        targets[row[hit], j[hit]] = np.log1p(counts[hit] / total[row[hit]] * TARGET_SUM)
+        return {"decode_gene_ids": chosen, "decode_targets": targets, "decode_weights": weights}
 
 
 def _default_targets() -> dict:
