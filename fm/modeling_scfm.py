@@ -64,7 +64,7 @@ class ScFMEmbeddings(nn.Module):
             self.gene_index = None
             self.gene = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         else:  # compact table: gene_index[vocab id] = its row. Non-persistent: config.gene_table is the one copy
-            self.register_buffer("gene_index", gene_index(config), persistent=False)
+            self.register_buffer("gene_index", build_gene_index(config), persistent=False)
             pad_row = config.gene_table.index(config.pad_token_id)
             self.gene = nn.Embedding(len(config.gene_table), config.d_model, padding_idx=pad_row)
         encoding = config.encoding
@@ -107,7 +107,7 @@ class ScFMEmbeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
-def gene_index(config: ScFMConfig) -> torch.Tensor:
+def build_gene_index(config: ScFMConfig) -> torch.Tensor:
     """(vocab_size,) long: row of each vocabulary id in the compact table config.gene_table, else the pad row."""
     table = torch.tensor(config.gene_table, dtype=torch.long)
     index = torch.full((config.vocab_size,), config.gene_table.index(config.pad_token_id), dtype=torch.long)
@@ -201,7 +201,7 @@ class ScFMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, ScFMEmbeddings) and module.gene_index is not None:
             # a non-persistent buffer: from_pretrained leaves it uninitialised (meta → empty); rebuild it
-            init.copy_(module.gene_index, gene_index(module.config))
+            init.copy_(module.gene_index, build_gene_index(module.config))
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):  # BatchNorm: task heads' input scaling
             init.ones_(module.weight)
             init.zeros_(module.bias)
