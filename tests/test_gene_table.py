@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fm
-from fm.data.corpus import corpus_genes
+from fm.data.corpus import build_corpus, corpus_genes
 from fm.data.synth_corpus import synth_corpus
 from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression, ScFMModel
 from fm.tokenizer import CellTokenizer
@@ -83,6 +83,7 @@ def test_pretrained_table_is_the_corpus_genes_and_round_trips(tiny_model_dir, sm
     np.testing.assert_array_equal(model.config.gene_table, expected)
     assert model.scfm.embeddings.gene.num_embeddings == expected.size
     np.testing.assert_array_equal(model.cell_tokenizer.gene_table, expected)
+    np.testing.assert_array_equal(CellTokenizer.from_pretrained(tiny_model_dir).gene_table, expected)  # fine-tuning's
     assert "gene_index" not in "".join(model.state_dict()), "config.gene_table is the one copy"
     first = fm.embed(pbmc_small.copy(), model)
     model.save_pretrained(tmp_path / "again")
@@ -116,7 +117,9 @@ def test_inference_uses_the_model_table_whatever_tokenizer_is_attached(tiny_mode
     np.testing.assert_array_equal(fm.embed(pbmc_small.copy(), model), expected)
 
 
-def test_corpus_manifest_lists_its_genes_and_old_corpora_are_scanned(tmp_path):
+def test_corpus_manifest_lists_its_genes_and_old_corpora_are_scanned(tmp_path, pbmc_small):
+    built = build_corpus([pbmc_small], tmp_path / "built", shard_size=100)
+    np.testing.assert_array_equal(built["gene_ids"], _file_genes(pbmc_small))  # measured, expressed or not
     out = tmp_path / "synth"
     manifest = synth_corpus(out, n_cells=300, n_genes=150, shard_size=100, seed=3)
     listed = np.asarray(manifest["gene_ids"])
