@@ -28,6 +28,9 @@ class ScFMConfig(PretrainedConfig):
     def __init__(
         self,
         vocab_size: int = 136_000,  # gene vocab incl. special tokens; the tokenizer sets the real size
+        # vocab ids that own a gene-embedding row, ascending (row r embeds id gene_table[r]); None: one row per
+        # vocab id. Pretraining keeps the specials + its corpus' genes: the other rows would never train.
+        gene_table: list[int] | None = None,
         n_bins: int = 51,  # value tokens 0..n_bins-1 are expression bins (0 = not expressed), as scGPT
         value_encoding: str = "bins",  # counts -> values: "bins" | "rank" | "continuous" (fm.value_encoding)
         d_model: int = 512,  # hidden size, scGPT's
@@ -76,6 +79,7 @@ class ScFMConfig(PretrainedConfig):
         **kwargs,
     ):
         self.vocab_size = int(vocab_size)
+        self.gene_table = None if gene_table is None else [int(i) for i in gene_table]
         self.n_bins = int(n_bins)
         self.value_encoding = str(value_encoding)
         self.d_model = int(d_model)
@@ -121,6 +125,19 @@ class ScFMConfig(PretrainedConfig):
         self.n_neighbors = int(n_neighbors)
         self._validate()
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self._validate_gene_table()
+
+    def _validate_gene_table(self) -> None:
+        """A compact table holds ascending vocabulary ids, the special tokens the model itself feeds in among them."""
+        table = self.gene_table
+        if table is None:
+            return
+        if not table or table[0] < 0 or table[-1] >= self.vocab_size or any(b <= a for a, b in zip(table, table[1:])):
+            raise ValueError(f"gene_table must be ascending, distinct vocabulary ids in [0, {self.vocab_size}), "
+                             f"got {len(table)} ids from {table[:3]} to {table[-3:]}")
+        missing = sorted({self.pad_token_id, self.cls_token_id, self.mask_token_id} - set(table))
+        if missing:
+            raise ValueError(f"gene_table lacks the special token ids {missing} (pad, cls, mask need rows)")
 
     def _validate(self) -> None:
         if self.d_model % self.n_heads:
@@ -150,6 +167,11 @@ class ScFMConfig(PretrainedConfig):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_genes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def n_gene_rows(self) -> int:
+        """Rows of the gene-embedding table: len(gene_table) (compact) or vocab_size (full)."""
+        return self.vocab_size if self.gene_table is None else len(self.gene_table)
 
     @property
     def encoding(self) -> ValueEncoding:

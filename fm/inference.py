@@ -46,6 +46,7 @@ def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, wid
     tokenizer = getattr(model, "cell_tokenizer", None)
     if tokenizer is None:
         raise ValueError("model has no cell_tokenizer: load it with fm.load(directory)")
+    tokenizer = tokenizer.for_config(model.config)  # never feed the model genes its gene table lacks
     collator = inference_collator(model)
     out = np.zeros((adata.n_obs, width), dtype=np.float32)
     keep = np.zeros(adata.n_obs, dtype=bool)

@@ -60,7 +60,13 @@ class ScFMEmbeddings(nn.Module):
     def __init__(self, config: ScFMConfig):
         super().__init__()
         self.config = config
-        self.gene = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        if config.gene_table is None:  # full table (and every checkpoint from before compact tables): row = vocab id
+            self.gene_index = None
+            self.gene = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        else:  # compact table: gene_index[vocab id] = its row. Non-persistent: config.gene_table is the one copy
+            self.register_buffer("gene_index", build_gene_index(config), persistent=False)
+            pad_row = config.gene_table.index(config.pad_token_id)
+            self.gene = nn.Embedding(len(config.gene_table), config.d_model, padding_idx=pad_row)
         encoding = config.encoding
         if encoding.discrete:  # n_bins levels + <mask> value (n_bins) + <pad> value (n_bins + 1)
             self.value = nn.Embedding(encoding.n_tokens, config.d_model)
@@ -72,13 +78,19 @@ class ScFMEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def embed_genes(self, gene_ids: torch.Tensor) -> torch.Tensor:
-        """Gene vectors of vocabulary ids (any shape → shape + (D,)): the one way every head reads the gene table."""
+        """Gene vectors of vocabulary ids (any shape → shape + (D,)): the one way every head reads the gene table.
+
+        A compact table first turns vocab ids into rows; an id without a row gets the (zero, never trained)
+        padding row rather than an error, which would cost a device sync per step — the tokenizer drops such
+        genes before they get here (CellTokenizer.gene_table). The lookup stays `self.gene(...)` (never
+        `self.gene.weight[...]`): ZeRO-3 gathers the sharded table only inside the module's own forward.
+        """
+        if self.gene_index is not None:
+            gene_ids = self.gene_index[gene_ids]
         return self.gene(gene_ids)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, condition_ids: torch.Tensor | None):
         B = gene_ids.shape[0]
-        # <cls> goes through self.gene(...) (never self.gene.weight[...]): ZeRO-3 gathers the
-        # sharded table only inside the module's own forward
         tokens = self.embed_genes(torch.cat([gene_ids.new_full((B, 1), self.config.cls_token_id), gene_ids], 1))
         prefix = [tokens[:, :1]]  # (B, 1, D)
         if self.conditions:
@@ -93,6 +105,14 @@ class ScFMEmbeddings(nn.Module):
         genes = tokens[:, 1:] + self.value(values)  # (B, L, D)
         x = torch.cat(prefix + [genes], dim=1)  # (B, T, D)
         return self.dropout(self.norm(x))
+
+
+def build_gene_index(config: ScFMConfig) -> torch.Tensor:
+    """(vocab_size,) long: row of each vocabulary id in the compact table config.gene_table, else the pad row."""
+    table = torch.tensor(config.gene_table, dtype=torch.long)
+    index = torch.full((config.vocab_size,), config.gene_table.index(config.pad_token_id), dtype=torch.long)
+    index[table] = torch.arange(len(table))
+    return index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +199,9 @@ class ScFMPreTrainedModel(PreTrainedModel):
             # the padding gene row stays zero (nn.Embedding also never updates it)
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, ScFMEmbeddings) and module.gene_index is not None:
+            # a non-persistent buffer: from_pretrained leaves it uninitialised (meta → empty); rebuild it
+            init.copy_(module.gene_index, build_gene_index(module.config))
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):  # BatchNorm: task heads' input scaling
             init.ones_(module.weight)
             init.zeros_(module.bias)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fm.config import RunConfig
 from fm.data import CellCollator, encode_files
 from fm.data.collator import collator_settings
-from fm.data.corpus import is_corpus, load_manifest
+from fm.data.corpus import corpus_genes, is_corpus, load_manifest
 from fm.data.streaming import CorpusDataset
 from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression
 from fm.tokenizer import CellTokenizer, EncodedCells, split_cells
@@ -27,11 +28,17 @@ def build_tokenizer(cfg: RunConfig) -> CellTokenizer:
                          allow_non_counts=cfg.data.allow_non_counts)
 
 
-def build_model(cfg: RunConfig, tokenizer: CellTokenizer) -> ScFMForMaskedExpression:
+def build_model(cfg: RunConfig, tokenizer: CellTokenizer, genes: np.ndarray | None = None) -> ScFMForMaskedExpression:
+    """A fresh model (or model.init_from's) for `tokenizer`; `genes`: the vocab ids of the training data — the
+    gene table is those plus the special tokens (None: the whole vocabulary). The tokenizer takes the same
+    table, so the exported directory encodes only genes the model has rows for."""
     if cfg.model.init_from:
         return ScFMForMaskedExpression.from_pretrained(cfg.model.init_from)
     m = cfg.model
-    config = ScFMConfig(vocab_size=len(tokenizer.vocab), n_bins=m.n_bins, value_encoding=cfg.data.value_encoding,
+    table = None if genes is None else gene_table(genes, tokenizer)
+    tokenizer.gene_table = None if table is None else np.asarray(table, dtype=np.int64)
+    config = ScFMConfig(vocab_size=len(tokenizer.vocab), gene_table=table, n_bins=m.n_bins,
+                        value_encoding=cfg.data.value_encoding,
                         d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout,
                         max_genes=cfg.data.max_genes, condition_keys=tokenizer.condition_keys,
                         condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=m.pooling, mvc=m.mvc,
@@ -39,6 +46,21 @@ def build_model(cfg: RunConfig, tokenizer: CellTokenizer) -> ScFMForMaskedExpres
                         generative_mask=m.generative_mask, zero_fraction=cfg.data.zero_fraction)
     torch.manual_seed(cfg.train.seed)  # same seed, same initial weights
     return ScFMForMaskedExpression(config)
+
+
+def gene_table(genes: np.ndarray, tokenizer: CellTokenizer) -> list[int]:
+    """Rows of a compact gene table: every special token (pad, cls, mask… keep their ids as rows) + `genes`."""
+    genes = np.asarray(genes, dtype=np.int64)
+    return np.union1d(np.arange(tokenizer.vocab.n_special), genes[genes >= 0]).tolist()
+
+
+def encoded_genes(cells: EncodedCells, vocab_size: int) -> np.ndarray:
+    """Sorted vocab ids the cells' sources measured (their panels, zeros included) or, without panels, express."""
+    seen = np.zeros(vocab_size, dtype=bool)
+    seen[cells.gene_ids] = True
+    for panel in cells.panels:
+        seen[panel] = True
+    return np.flatnonzero(seen)
 
 
 def export_pretrained(tokenizer: CellTokenizer):
@@ -84,9 +106,12 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
     accelerator = make_accelerator(cfg.train)
     tokenizer = build_tokenizer(cfg)
     corpus = corpus_path(cfg) if cells is None else None
+    genes = None
     if corpus is not None:
         train_cells, tokenizer = open_corpus(corpus, cfg, tokenizer)
         val_cells = train_cells.heldout()
+        if cfg.model.gene_table == "corpus":
+            genes = corpus_genes(corpus)
     else:
         if cells is None:
             if not cfg.data.paths:
@@ -94,14 +119,16 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
                                  "data.paths=[a.h5ad,b.h5ad]")
             cells = encode_files(cfg.data.resolved_paths(), tokenizer, fit_conditions=not cfg.model.init_from)
         train_cells, val_cells = split_cells(cells, cfg.data.val_fraction, cfg.train.seed)
-    model = build_model(cfg, tokenizer)
+        if cfg.model.gene_table == "corpus":
+            genes = encoded_genes(cells, len(tokenizer.vocab))
+    model = build_model(cfg, tokenizer, genes)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("%d training cells, %d held out; model %.2fM parameters",
+        log.info("%d training cells, %d held out; model %.2fM parameters, gene table %d rows",
                  int(train_cells.train_counts.sum()) if corpus is not None else len(train_cells),
-                 0 if val_cells is None else len(val_cells), n_params / 1e6)
+                 0 if val_cells is None else len(val_cells), n_params / 1e6, model.config.n_gene_rows)
     collator = CellCollator(**{**collator_settings(model.config), "max_genes": cfg.data.max_genes},
                             mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed,
                             decode_genes=model.config.wced_genes)

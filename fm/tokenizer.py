@@ -6,6 +6,7 @@ Everything that can go wrong with a user's file is checked here, before anything
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from fm.vocab import GeneVocab
 log = logging.getLogger("fm")
 
 TOKENIZER_FILE = "cell_tokenizer.json"
+MODEL_CONFIG_FILE = "config.json"  # the model's (transformers) config, saved beside the tokenizer
 UNKNOWN_CONDITION = "<unknown>"  # id 0 of every condition table: missing or unseen category
 
 
@@ -28,9 +30,10 @@ UNKNOWN_CONDITION = "<unknown>"  # id 0 of every condition table: missing or uns
 class GeneMatch:
     """How a file's genes map onto the vocabulary."""
 
-    vocab_ids: np.ndarray  # per var column, -1 where unknown
+    vocab_ids: np.ndarray  # per var column, -1 where unknown (or outside the model's gene table)
     species: str
     source: str = ""
+    n_outside_table: int = 0  # columns in the vocabulary but not in the model's gene table (dropped)
 
     @property
     def n_total(self) -> int:
@@ -45,8 +48,12 @@ class GeneMatch:
         return self.n_matched / max(self.n_total, 1)
 
     def summary(self) -> str:
-        return (f"{self.source or 'input'}: {self.n_matched}/{self.n_total} genes in the vocabulary "
-                f"({100 * self.fraction:.1f}%, {self.species}); {self.n_total - self.n_matched} unmatched")
+        n_vocab = self.n_matched + self.n_outside_table
+        text = (f"{self.source or 'input'}: {n_vocab}/{self.n_total} genes in the vocabulary "
+                f"({100 * n_vocab / max(self.n_total, 1):.1f}%, {self.species}); {self.n_total - n_vocab} unmatched")
+        if self.n_outside_table:
+            text += f"; {self.n_matched} in the model's gene table, {self.n_outside_table} not (dropped)"
+        return text
 
 
 @dataclass
@@ -109,8 +116,12 @@ class CellTokenizer:
 
     def __init__(self, vocab: GeneVocab | None = None, n_bins: int = 51, condition_keys: Sequence[str] = (),
                  condition_categories: dict[str, list[str]] | None = None, gene_key: str | None = None,
-                 layer: str | None = None, min_matched_fraction: float = 0.2, allow_non_counts: bool = False):
+                 layer: str | None = None, min_matched_fraction: float = 0.2, allow_non_counts: bool = False,
+                 gene_table: Sequence[int] | None = None):
         self.vocab = vocab or GeneVocab.default()
+        # vocab ids the model has embedding rows for (ScFMConfig.gene_table); None = every vocab id. Genes
+        # outside it are dropped at encoding: their rows were never trained (a compact table has none).
+        self.gene_table = None if gene_table is None else np.asarray(gene_table, dtype=np.int64)
         self.n_bins = n_bins
         self.condition_keys = list(condition_keys)
         self.condition_categories = {k: list(v) for k, v in (condition_categories or {}).items()}
@@ -139,6 +150,9 @@ class CellTokenizer:
             raise ValueError(f"{match.summary()} — below the minimum {self.min_matched_fraction:.0%}. "
                              f"Unmatched examples: {examples}. Point gene_key at a var column of gene "
                              "symbols or Ensembl IDs, or lower min_matched_fraction if this is expected.")
+        if self.gene_table is not None:
+            match = self._restrict_to_table(match, names)
+            ids = match.vocab_ids
         kept = ids[ids >= 0]
         if np.unique(kept).size != kept.size:
             seen = pd.Series(names[ids >= 0]).groupby(kept).agg(list)
@@ -147,6 +161,43 @@ class CellTokenizer:
                              "Keep one column per gene (sum duplicates) before tokenizing.")
         log.info(match.summary())
         return match
+
+    def _restrict_to_table(self, match: GeneMatch, names: pd.Index) -> GeneMatch:
+        """Drop (and report once, with examples) the genes the model has no embedding row for.
+
+        Too few left is the min_matched_fraction error, when the kept genes are below that fraction both of
+        the file's vocabulary genes and of the model's genes: a whole-transcriptome file read by a model
+        pretrained on a 2000-gene panel keeps few of its own genes, but nearly all of the model's, and is fine.
+        """
+        ids = match.vocab_ids.copy()
+        outside = (ids >= 0) & ~np.isin(ids, self.gene_table)
+        if not outside.any():
+            return match
+        source = match.source or "input"
+        n_vocab, n_model = match.n_matched, int((self.gene_table >= self.vocab.n_special).sum())
+        ids[outside] = -1
+        kept = GeneMatch(ids, match.species, match.source, int(outside.sum()))
+        log.warning("%s: %d of its %d vocabulary genes are not in this model's gene table (the %d genes of its "
+                    "pretraining data), e.g. %s; they are dropped — the model never learned them",
+                    source, kept.n_outside_table, n_vocab, n_model, names[outside][:5].tolist())
+        if kept.n_matched < self.min_matched_fraction * min(n_vocab, n_model):
+            raise ValueError(
+                f"{kept.summary()} — below the minimum {self.min_matched_fraction:.0%} both of its vocabulary genes "
+                f"and of the model's {n_model} genes. Dropped examples: {names[outside][:5].tolist()}. Use a model "
+                "pretrained on data that measures these genes (pretraining keeps every corpus gene; "
+                "model.gene_table=full keeps the whole vocabulary), or lower min_matched_fraction if this is expected.")
+        return kept
+
+    def for_config(self, config) -> "CellTokenizer":
+        """This tokenizer with the gene table of a model config (itself when it already has that table)."""
+        table = getattr(config, "gene_table", None)
+        same = (table is None and self.gene_table is None) or (
+            table is not None and self.gene_table is not None and np.array_equal(self.gene_table, table))
+        if same:
+            return self
+        other = copy.copy(self)
+        other.gene_table = None if table is None else np.asarray(table, dtype=np.int64)
+        return other
 
     # ------------------------------------------------------------------ conditions
     def fit_conditions(self, obs: pd.DataFrame, source: str = "") -> None:
@@ -265,7 +316,9 @@ class CellTokenizer:
         expected = config.pop("vocab_sha256", None)
         if expected and expected != vocab.sha256:
             raise ValueError(f"{directory}: gene vocabulary does not match the one this tokenizer was saved with")
-        return cls(vocab=vocab, **config)
+        model_config = directory / MODEL_CONFIG_FILE  # the model's gene table: its config holds the one copy
+        table = json.loads(model_config.read_text()).get("gene_table") if model_config.is_file() else None
+        return cls(vocab=vocab, gene_table=table, **config)
 
 
 def split_cells(cells, val_fraction: float, seed: int):

@@ -129,17 +129,28 @@ def tiny_overrides(out: Path, paths: list[Path], steps: int = 20, **extra) -> li
     return [f"{k}={v}" for k, v in items.items()]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, small_h5ad_path) -> Path:
-    """A tiny model pretrained for 20 steps on small_h5ad_path's cells, exported (session-wide, seconds)."""
+def _tiny_pretrained(tmp_path_factory, name: str, paths: list, **extra) -> Path:
     from fm.config import load_config
     from fm.paths import recipe_path
     from fm.pretrain import run_pretraining
 
-    out = tmp_path_factory.mktemp("tiny_run")
-    cfg = load_config(recipe_path("debug"), tiny_overrides(out, [small_h5ad_path]))
-    result = run_pretraining(cfg)
-    return result.export_dir
+    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path_factory.mktemp(name), paths, **extra))
+    return run_pretraining(cfg).export_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, small_h5ad_path) -> Path:
+    """A tiny model pretrained for 20 steps on small_h5ad_path's cells, exported (session-wide, seconds).
+    Its gene table holds small_h5ad_path's genes only (model.gene_table=corpus)."""
+    return _tiny_pretrained(tmp_path_factory, "tiny_run", [small_h5ad_path])
+
+
+@pytest.fixture(scope="session")
+def tiny_full_model_dir(tmp_path_factory, small_h5ad_path) -> Path:
+    """tiny_model_dir with a full gene table (a row per vocabulary id, as every checkpoint before compact
+    tables): for reading data whose genes the PBMC-only table mostly lacks (fm eval's ci suites)."""
+    return _tiny_pretrained(tmp_path_factory, "tiny_full_run", [small_h5ad_path],
+                            **{"model.gene_table": "full"})
 
 
 @pytest.fixture(autouse=True)

@@ -68,10 +68,11 @@ def test_suite_typos_are_errors(tmp_path, patch, message):
 
 @pytest.fixture(scope="module")
 def ci_runs(tmp_path_factory, request):
-    """The three ci suites, once, with the tiny session model as the FM (rows fm_…[<name>])."""
+    """The three ci suites, once, with the tiny session model as the FM (rows fm_…[<name>]); its full-table
+    twin: a PBMC-only compact table lacks most CellBench genes, and the tokenizer rightly refuses them."""
     real_file("pbmc3k_seurat_hvg2000_labeled.h5ad")
     real_file("cellbench_3cl_celseq2_dropseq.h5ad")
-    model = request.getfixturevalue("tiny_model_dir")
+    model = request.getfixturevalue("tiny_full_model_dir")
     out = tmp_path_factory.mktemp("eval_ci")
     return {task: (run_suite(EVAL / f"{task}.yaml", "ci", [model] if task != "imputation" else [], out / task),
                    out / task) for task in MINE}

@@ -245,7 +245,7 @@ def test_build_classifier_refuses_a_non_backbone(tmp_path, tiny_model_dir):
     cfg = load_config(recipe_path(RECIPE), [f"model.init_from={tiny_model_dir}"])
     model = build_classifier(CLASSES, cfg)
     assert model.config.unknown_threshold == cfg.task.unknown_threshold
-    assert not model.scfm.embeddings.gene.weight.requires_grad, "task.freeze_gene_embedding defaults on"
+    assert model.scfm.embeddings.gene.weight.requires_grad, "compact gene table: task.freeze_gene_embedding defaults off"
     assert model.scfm.layers[0].attn.qkv.weight.requires_grad and model.classifier_head.out.weight.requires_grad
     head_only = build_classifier(CLASSES, load_config(recipe_path(RECIPE), [f"model.init_from={tiny_model_dir}",
                                                                              "task.freeze_backbone=true"]))

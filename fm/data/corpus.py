@@ -7,7 +7,8 @@ Layout of CORPUS/ (a Hugging Face `datasets` directory: `datasets.load_from_disk
                            source_id int32 (index into manifest["sources"]), cell_id string
                            (+ label columns such as cell_type/batch for synthetic corpora)
   manifest.json            n_cells, shards (cells each, in global-index order), vocab hash,
-                           condition mappings, per-source stats, skipped inputs; written last
+                           condition mappings, per-source stats, skipped inputs, gene_ids (the
+                           vocab ids any source measured: a model's gene table); written last
   build.json               the build's inputs and parameters: a re-run with the same ones resumes
   state.json, dataset_info.json   for datasets.load_from_disk
 
@@ -167,7 +168,8 @@ def _build_source(job: dict, hook: Callable | None = None) -> dict:
         match = tok.match_genes(adata, name)
         if getattr(adata, "isbacked", False):
             adata.file.close()
-        return {"shards": shards, "species": match.species, "genes_matched": match.n_matched,
+        measured = np.unique(match.vocab_ids[match.vocab_ids >= 0])
+        return {"shards": shards, "gene_ids": measured, "species": match.species, "genes_matched": match.n_matched,
                 "genes_total": match.n_total, "gene_key": tok.gene_key, "n_obs": int(adata.n_obs)}
     except Exception as e:  # any input problem: reported with its path; the caller skips or stops
         msg = str(e) if name in str(e) else f"{name}: {e}"
@@ -262,19 +264,21 @@ def build_corpus(inputs: Sequence, output: str | Path, conditions: Sequence[str]
     for job in jobs:
         job["categories"] = categories
     in_process = any(not isinstance(j["item"], Path) for j in jobs)  # AnnData objects are not shipped to workers
-    sources, shards = [], []
+    sources, shards, genes = [], [], []
     for job, res in _run_jobs(jobs, _build_source, 1 if in_process else workers, hook):
         if "error" in res:
             skipped.append(_fail(out, job["source_id"], job["name"], res["error"], on_error))
             continue
         sh = res.pop("shards")
+        genes.append(res.pop("gene_ids"))
         shards.extend(sh)
         n_cells = sum(s["n_cells"] for s in sh)
         sources.append({"source_id": job["source_id"], "path": job["name"], **res, "n_cells": n_cells,
                         "n_filtered": res["n_obs"] - n_cells, "nnz": sum(s["nnz"] for s in sh), "n_shards": len(sh)})
         log.info("%s: %d cells (%d filtered) in %d shards", job["name"], n_cells, res["n_obs"] - n_cells, len(sh))
     return finish_manifest(out, shards, sources, skipped, keys, categories, vocab_tok.vocab,
-                           filters={"min_genes": min_genes, "min_matched_fraction": min_matched_fraction})
+                           filters={"min_genes": min_genes, "min_matched_fraction": min_matched_fraction},
+                           gene_ids=np.unique(np.concatenate(genes)) if genes else np.zeros(0, np.int64))
 
 
 def _fail(out: Path, sid: int, name: str, error: str, on_error: str) -> dict:
@@ -286,13 +290,19 @@ def _fail(out: Path, sid: int, name: str, error: str, on_error: str) -> dict:
 
 
 def finish_manifest(out: Path, shards: list[dict], sources: list[dict], skipped: list[dict], keys: list[str],
-                    categories: dict, vocab, filters: dict, labels: Sequence[str] = (), extra: dict | None = None) -> dict:
-    """Write manifest.json (last, atomically) and the datasets files; returns the manifest."""
+                    categories: dict, vocab, filters: dict, labels: Sequence[str] = (), extra: dict | None = None,
+                    gene_ids: np.ndarray | None = None) -> dict:
+    """Write manifest.json (last, atomically) and the datasets files; returns the manifest.
+
+    `gene_ids`: the sorted vocab ids the sources measured, kept so pretraining sizes its gene table
+    without scanning every shard (corpus_genes)."""
     shards = sorted(shards, key=lambda s: s["file"])
     manifest = {"format": FORMAT, "n_cells": sum(s["n_cells"] for s in shards), "n_shards": len(shards),
                 "nnz": sum(s["nnz"] for s in shards), "vocab_sha256": vocab.sha256, "vocab_size": len(vocab),
                 "condition_keys": keys, "conditions": categories, "labels": list(labels), "filters": filters,
                 "shards": shards, "sources": sources, "skipped": skipped, **(extra or {})}
+    if gene_ids is not None:
+        manifest["gene_ids"] = [int(i) for i in gene_ids]
     value = lambda t: {"dtype": t, "_type": "Value"}  # noqa: E731  (datasets' Features JSON, without importing it)
     features = {"gene_ids": {"feature": value("int32"), "_type": "List"},
                 "counts": {"feature": value("float32"), "_type": "List"},
@@ -313,6 +323,21 @@ def load_manifest(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no {MANIFEST} — not a finished corpus (build it with `fm corpus build`, "
                                 "or re-run the same build to resume it)")
     return json.loads((path / MANIFEST).read_text())
+
+
+def corpus_genes(path: str | Path) -> np.ndarray:
+    """Sorted vocab ids of the genes a corpus holds: the manifest's `gene_ids`, or, for a corpus built before
+    manifests kept them, the union of the genes its shards store (a scan; only expressed genes are stored)."""
+    manifest = load_manifest(path)
+    if "gene_ids" in manifest:
+        return np.asarray(manifest["gene_ids"], dtype=np.int64)
+    log.warning("%s: manifest has no gene_ids (an older build); scanning %d shards for the genes of the "
+                "gene table — rebuild the corpus to skip this", path, len(manifest["shards"]))
+    seen = np.zeros(manifest["vocab_size"], dtype=bool)
+    for shard in manifest["shards"]:
+        for chunk in read_shard(Path(path) / shard["file"]).column("gene_ids").chunks:
+            seen[chunk.values.to_numpy()] = True
+    return np.flatnonzero(seen).astype(np.int64)
 
 
 def is_corpus(path: str | Path) -> bool:

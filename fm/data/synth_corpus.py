@@ -110,5 +110,7 @@ def synth_corpus(output: str | Path, n_cells: int, n_genes: int = 2000, n_types:
               "nnz": sum(s["nnz"] for s in shards), "n_shards": len(shards),
               "dispersion": model.dispersion, "library_mean": model.library_mean}
     log.info("synthetic corpus %s: %d cells in %d shards", out, n_kept, len(shards))
+    ids = GeneVocab.default().lookup(model.genes.astype(str), species="human")
     return finish_manifest(out, shards, [source], [], keys, categories, GeneVocab.default(),
-                           filters={"min_genes": min_genes}, labels=LABELS, extra={"synthetic": build["synthetic"]})
+                           filters={"min_genes": min_genes}, labels=LABELS, extra={"synthetic": build["synthetic"]},
+                           gene_ids=np.unique(ids[ids >= 0]))
