@@ -41,12 +41,20 @@ class ModelConfig:
     """Add scGPT's MVC objective: predict masked values from the cell embedding."""
     generative_mask: bool = False
     """scGPT's attention mask: masked genes are seen only by themselves."""
+    gene_init: str = "random"
+    """Gene-table rows at the start of pretraining: 'random' (normal noise) or 'coexpression' (each gene's
+    loadings on the top principal components of the training cells' log-normalised expression; fm/gene_init.py)."""
     wced_genes: int = 0
     """Whole-cell expression decoding (BMFM-RNA's WCED): per batch, this many genes of the batch's panels
     (expressed or not, in the input or not) are decoded from the cell embedding alone, as log1p(CP10k),
     so the embedding must carry the whole cell; 0 = off."""
     wced_weight: float = 1.0
     """Weight of the whole-cell decoding loss."""
+    contrastive_weight: float = 0.0
+    """InfoNCE between two gene-subset views of each cell (data.views, data.view_keep) on a projection of the
+    cell embedding; 0 = off."""
+    contrastive_temperature: float = 0.1
+    """InfoNCE temperature."""
     gep_weight: float = 1.0
     """Weight of the per-token GEP loss (0 trains the cell-embedding objectives alone)."""
     init_from: str | None = None
@@ -61,6 +69,8 @@ class ModelConfig:
             raise ValueError(f"model.gene_table must be 'corpus' or 'full', got {self.gene_table!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.gene_init not in ("random", "coexpression"):
+            raise ValueError(f"model.gene_init must be 'random' or 'coexpression', got {self.gene_init!r}")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"model.pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.n_bins < MIN_N_BINS:
@@ -87,6 +97,16 @@ class DataConfig:
     mask_ratio: float = 0.4
     """Fraction of a cell's gene tokens whose value is masked for pretraining."""
     zero_fraction: float = 0.25
+    views: int = 1
+    """Pretraining: each cell enters a batch this many times, each view with its own gene subset and masks
+    (needed by model.contrastive_weight)."""
+    view_keep: float = 1.0
+    """Pretraining: share of a cell's expressed genes each view keeps (gene-subset sampling: the embedding
+    must not depend on how many genes a cell shows)."""
+    view_thinning: float = 0.0
+    """Pretraining: every view after the first sees its cell's counts thinned to a random depth p ~ U(1 - this, 1)
+    of the original (a count of 1 survives with probability p): with the contrastive loss, the embedding learns
+    to ignore library size."""
     """Share of max_genes given to measured-but-unexpressed genes (bin 0; scGPT's include_zero_gene)."""
     min_matched_fraction: float = 0.2
     """Stop if fewer of a file's genes than this are in the vocabulary."""
@@ -119,6 +139,12 @@ class DataConfig:
                              f"got {self.value_encoding!r}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.views < 1:
+            raise ValueError(f"data.views must be >= 1, got {self.views}")
+        if not 0.0 <= self.view_thinning < 1.0:
+            raise ValueError(f"data.view_thinning must be in [0, 1), got {self.view_thinning}")
+        if not 0.0 < self.view_keep <= 1.0:
+            raise ValueError(f"data.view_keep must be in (0, 1], got {self.view_keep}")
         if self.probe_max_cells < 10:
             raise ValueError(f"data.probe_max_cells must be >= 10, got {self.probe_max_cells}")
 

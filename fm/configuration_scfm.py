@@ -48,6 +48,8 @@ class ScFMConfig(PretrainedConfig):
         mvc: bool = True,  # add scGPT's masked-value-prediction-from-cell-embedding (MVC) loss
         wced_genes: int = 0,  # whole-cell expression decoding: panel genes decoded from the cell embedding per batch (0 = off)
         wced_weight: float = 1.0,  # weight of the whole-cell decoding loss
+        contrastive_weight: float = 0.0,  # InfoNCE between views of one cell (gene subsets); 0 = off
+        contrastive_temperature: float = 0.1,  # InfoNCE temperature (SimCLR's range)
         gep_weight: float = 1.0,  # weight of the per-token GEP loss (0 = cell-embedding objectives only)
         layer_norm_eps: float = 1e-5,  # PyTorch's LayerNorm default
         initializer_range: float = 0.02,  # std of the normal init, BERT/GPT-2's
@@ -99,6 +101,8 @@ class ScFMConfig(PretrainedConfig):
         self.mvc = bool(mvc)
         self.wced_genes = int(wced_genes)
         self.wced_weight = float(wced_weight)
+        self.contrastive_weight = float(contrastive_weight)
+        self.contrastive_temperature = float(contrastive_temperature)
         self.gep_weight = float(gep_weight)
         self.layer_norm_eps = float(layer_norm_eps)
         self.initializer_range = float(initializer_range)

@@ -307,6 +307,7 @@ class ScFMMaskedExpressionOutput(ModelOutput):
     gep_loss: torch.FloatTensor | None = None
     mvc_loss: torch.FloatTensor | None = None
     wced_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
     expression: torch.FloatTensor | None = None
     mvc_expression: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
@@ -379,6 +380,19 @@ class ScFMWholeCellHead(nn.Module):
         return self.cell(cell) @ self.query(gene_emb).T + self.bias(gene_emb).squeeze(-1)
 
 
+def view_contrastive_loss(z: torch.Tensor, view_of: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE (SimCLR's NT-Xent) over a batch of views: each row's positives are the other views of its cell
+    (same `view_of`), every other row is a negative. z (N, E) is L2-normalised here."""
+    z = F.normalize(z.float(), dim=-1)
+    logits = z @ z.T / temperature
+    same = view_of[:, None] == view_of[None, :]
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = same & ~eye
+    return -(log_prob.masked_fill(~positives, 0.0).sum(1) / positives.sum(1).clamp(min=1)).mean()
+
+
 class ScFMForMaskedExpression(ScFMPreTrainedModel):
     """Backbone + GEP head (expression from each gene's hidden state) + optional MVC head.
 
@@ -393,6 +407,10 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
         self.gep_head = ScFMExpressionHead(config)
         self.mvc_head = ScFMMVCHead(config) if config.mvc else None
         self.wced_head = ScFMWholeCellHead(config) if config.wced_genes else None
+        # SimCLR's projection: the loss shapes proj(cell), the embedding below it keeps more of the cell
+        self.contrastive_head = (nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
+                                               nn.Linear(config.d_model, config.d_model))
+                                 if config.contrastive_weight else None)
         self.post_init()
 
     def forward(
@@ -406,6 +424,7 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
         decode_gene_ids: torch.Tensor | None = None,
         decode_targets: torch.Tensor | None = None,
         decode_weights: torch.Tensor | None = None,
+        view_of: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> ScFMMaskedExpressionOutput | tuple:
         """labels: (B, L) true value of every gene token; masked_positions: (B, L) bool, the
@@ -432,12 +451,19 @@ class ScFMForMaskedExpression(ScFMPreTrainedModel):
             decoded = self.wced_head(self.scfm.embeddings.embed_genes(decode_gene_ids), out.cell_embedding)
             wced_loss = masked_mse(decoded, decode_targets, decode_weights)
             loss = self.config.wced_weight * wced_loss if loss is None else loss + self.config.wced_weight * wced_loss
+        contrastive_loss = None
+        if self.contrastive_head is not None and view_of is not None:
+            contrastive_loss = view_contrastive_loss(self.contrastive_head(out.cell_embedding), view_of,
+                                                     self.config.contrastive_temperature)
+            weighted = self.config.contrastive_weight * contrastive_loss
+            loss = weighted if loss is None else loss + weighted
 
         result = ScFMMaskedExpressionOutput(
             loss=loss,
             gep_loss=gep_loss,
             mvc_loss=mvc_loss,
             wced_loss=wced_loss,
+            contrastive_loss=contrastive_loss,
             expression=expression,
             mvc_expression=mvc_expression,
             cell_embedding=out.cell_embedding,

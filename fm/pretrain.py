@@ -43,6 +43,7 @@ def build_model(cfg: RunConfig, tokenizer: CellTokenizer, genes: np.ndarray | No
                         max_genes=cfg.data.max_genes, condition_keys=tokenizer.condition_keys,
                         condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=m.pooling, mvc=m.mvc,
                         wced_genes=m.wced_genes, wced_weight=m.wced_weight, gep_weight=m.gep_weight,
+                        contrastive_weight=m.contrastive_weight, contrastive_temperature=m.contrastive_temperature,
                         generative_mask=m.generative_mask, zero_fraction=cfg.data.zero_fraction)
     torch.manual_seed(cfg.train.seed)  # same seed, same initial weights
     return ScFMForMaskedExpression(config)
@@ -122,6 +123,10 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
         if cfg.model.gene_table == "corpus":
             genes = encoded_genes(cells, len(tokenizer.vocab))
     model = build_model(cfg, tokenizer, genes)
+    if cfg.model.gene_init == "coexpression" and not cfg.model.init_from:
+        from fm.gene_init import init_gene_table_from_corpus
+
+        init_gene_table_from_corpus(model, train_cells, seed=cfg.train.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
@@ -131,7 +136,8 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
                  0 if val_cells is None else len(val_cells), n_params / 1e6, model.config.n_gene_rows)
     collator = CellCollator(**{**collator_settings(model.config), "max_genes": cfg.data.max_genes},
                             mask_ratio=cfg.data.mask_ratio, train=True, seed=cfg.train.seed,
-                            decode_genes=model.config.wced_genes)
+                            decode_genes=model.config.wced_genes, views=cfg.data.views, view_keep=cfg.data.view_keep,
+                            view_thinning=cfg.data.view_thinning)
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells,
                  export=export_pretrained(tokenizer), resume=resume, accelerator=accelerator,
                  num_workers=cfg.data.num_workers, callbacks=quality_monitors(cfg, tokenizer))

@@ -7,7 +7,7 @@ reproducible — and the whole batch is processed with a handful of numpy calls,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -101,6 +101,9 @@ class CellCollator:
     pad_to_multiple_of: int = 8  # tensor-core friendly lengths on GPU; costs little on CPU
     epoch: int = 0
     decode_genes: int = 0  # train only: whole-cell decoding targets for this many panel genes per batch
+    views: int = 1  # train only: each cell this many times (own genes and masks; `view_of` pairs them)
+    view_keep: float = 1.0  # train only: share of a cell's expressed genes each view keeps (gene-subset views)
+    view_thinning: float = 0.0  # train only: views after the first see counts × p, p ~ U(1 - this, 1) per cell
 
     @property
     def encoding(self) -> ValueEncoding:
@@ -190,6 +193,8 @@ class CellCollator:
         return cache[key][1]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.train and self.views > 1:
+            return self._stacked_views(rows)
         lengths = np.array([len(r["gene_ids"]) for r in rows], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         genes = np.concatenate([r["gene_ids"] for r in rows]).astype(np.int64)
@@ -202,6 +207,8 @@ class CellCollator:
         n_zero = np.array([min(zero_slots, max(len(r.get("panel", ())) - n, 0)) if zero_slots else 0
                            for r, n in zip(rows, lengths)], dtype=np.int64)
         budget = self.max_genes - n_zero  # expressed genes a cell keeps
+        if self.train and self.view_keep < 1.0:
+            budget = np.minimum(budget, np.ceil(lengths * self.view_keep).astype(np.int64))
 
         row = np.repeat(np.arange(len(rows)), lengths)
         position = np.arange(genes.size) - indptr[row]
@@ -244,6 +251,42 @@ class CellCollator:
             if self.decode_genes:
                 batch.update(self._whole_cell_targets(rows, genes, counts, indptr))
         return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _stacked_views(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """`views` batches of the same cells (each its own gene subset and masks: another seed), stacked along
+        the batch axis and padded to one width; `view_of` (V·B,) names each row's cell for a contrastive loss.
+        Whole-cell decoding targets are per cell, so the first view's are repeated."""
+        parts = [replace(self, views=1, seed=self.seed + 7919 * v, decode_genes=self.decode_genes if v == 0 else 0)(
+                 self._thinned(rows, v) if v and self.view_thinning else rows) for v in range(self.views)]
+        width = max(p["gene_ids"].shape[1] for p in parts)
+        fill = {"gene_ids": self.pad_token_id, "values": self.encoding.pad_value_id, "labels": 0,
+                "attention_mask": False, "masked_positions": False}
+        batch = {}
+        for key, value in fill.items():
+            batch[key] = torch.cat([torch.nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=value)
+                                    for p in parts])
+        batch["condition_ids"] = torch.cat([p["condition_ids"] for p in parts])
+        if "decode_targets" in parts[0]:
+            batch["decode_gene_ids"] = parts[0]["decode_gene_ids"]
+            for key in ("decode_targets", "decode_weights"):
+                batch[key] = parts[0][key].repeat(self.views, 1)
+        batch["view_of"] = torch.arange(len(rows)).repeat(self.views)
+        return batch
+
+    def _thinned(self, rows: list[dict], view: int) -> list[dict]:
+        """The cells as a shallower sequencing run would have seen them: every count scaled by a per-cell depth
+        factor p ~ U(1 - view_thinning, 1) and stochastically rounded (a count of 1 survives with probability p,
+        as under binomial thinning); genes left at 0 drop out. A cell that would lose every gene keeps its own
+        counts. Hashed per (seed, epoch, cell, view, gene): the same whichever batch the cell is in."""
+        out = []
+        for row in rows:
+            index = np.full(len(row["gene_ids"]), int(row["index"]))
+            p = 1.0 - self.view_thinning * hashed_uniform(self.seed, self.epoch, index[:1], np.array([view]), salt=6)[0]
+            u = hashed_uniform(self.seed + view, self.epoch, index, np.asarray(row["gene_ids"]), salt=7)
+            counts = np.floor(np.asarray(row["counts"], dtype=np.float64) * p + u).astype(np.float32)
+            keep = counts > 0
+            out.append({**row, "gene_ids": row["gene_ids"][keep], "counts": counts[keep]} if keep.any() else row)
+        return out
 
     def _whole_cell_targets(self, rows: list[dict], genes: np.ndarray, counts: np.ndarray,
                             indptr: np.ndarray) -> dict[str, np.ndarray]:
