@@ -22,47 +22,43 @@ from fm.vocab import GeneVocab
 log = logging.getLogger("fm")
 
 
-def coexpression_rows(cells, table: np.ndarray, dim: int, max_cells: int = 4000, seed: int = 0) -> np.ndarray:
-    """(len(table), dim) gene loadings: the top-`dim` right singular vectors of the centred log1p(CP10k) matrix
-    of up to `max_cells` cells (a seeded sample), scaled by their singular values relative to the first and
-    then to a mean row norm of 1. Genes the sample never expresses get zero rows."""
-    table = np.asarray(table, dtype=np.int64)
+def coexpression_rows(cells, dim: int, max_cells: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(genes, rows): the sorted vocab ids the sampled cells express and their (len(genes), dim) loadings — the
+    top-`dim` right singular vectors of the centred log1p(CP10k) matrix of up to `max_cells` cells (a seeded
+    sample), scaled by their singular values relative to the first and then to a mean row norm of 1."""
     n = min(len(cells), max_cells)
     picked = np.sort(np.random.default_rng(seed).choice(len(cells), n, replace=False))
-    rows, cols, vals = [], [], []
-    for r, i in enumerate(picked):
-        cell = cells[int(i)]
-        counts = np.asarray(cell["counts"], dtype=np.float64)
-        col = np.searchsorted(table, cell["gene_ids"])
-        ok = (col < len(table)) & (table[np.minimum(col, len(table) - 1)] == cell["gene_ids"])
-        rows.append(np.full(int(ok.sum()), r))
-        cols.append(col[ok])
-        vals.append(np.log1p(counts[ok] / max(counts.sum(), 1.0) * TARGET_SUM))
-    index = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]))
-    x = torch.sparse_coo_tensor(index, torch.from_numpy(np.concatenate(vals)).float(), (n, len(table))).coalesce()
+    sample = [cells[int(i)] for i in picked]
+    genes = np.unique(np.concatenate([np.asarray(c["gene_ids"], dtype=np.int64) for c in sample]))
+    rows = np.concatenate([np.full(len(c["gene_ids"]), r) for r, c in enumerate(sample)])
+    cols = np.searchsorted(genes, np.concatenate([c["gene_ids"] for c in sample]))
+    vals = np.concatenate([np.log1p(np.asarray(c["counts"], np.float64) / max(float(np.sum(c["counts"])), 1.0)
+                                    * TARGET_SUM) for c in sample])
+    index = torch.from_numpy(np.stack([rows, cols]))
+    x = torch.sparse_coo_tensor(index, torch.from_numpy(vals).float(), (n, len(genes))).coalesce()
     mean = torch.sparse.sum(x, 0).to_dense().unsqueeze(0) / n
-    q = min(dim, n, len(table))
+    q = min(dim, n, len(genes))
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG stream is left as it was
         torch.manual_seed(seed)
         _, s, v = torch.svd_lowrank(x, q=q, niter=6, M=mean.expand(n, -1))
-    loadings = np.zeros((len(table), dim), dtype=np.float32)
+    loadings = np.zeros((len(genes), dim), dtype=np.float32)
     loadings[:, :q] = (v * (s / s[0])).numpy()
     norm = np.sqrt((loadings ** 2).sum(1).mean())
-    return loadings / max(norm, 1e-12)
+    return genes, loadings / max(norm, 1e-12)
 
 
 def init_gene_table_from_corpus(model, cells, seed: int = 0, max_cells: int = 4000) -> None:
-    """Overwrite the gene rows (not the special tokens') of a compact-table model with coexpression_rows."""
-    config = model.config
-    if config.gene_table is None:
-        raise ValueError("model.gene_init=coexpression needs a compact gene table (model.gene_table=corpus)")
-    table = np.asarray(config.gene_table, dtype=np.int64)
-    genes = table >= GeneVocab.n_special  # the special tokens keep their random rows
-    rows = coexpression_rows(cells, table, config.d_model, max_cells, seed)
-    weight = model.get_input_embeddings().weight
+    """Overwrite the rows of the genes the training cells express with coexpression_rows (special tokens and
+    genes never expressed keep their random rows); works on compact and full tables alike."""
+    embeddings = model.get_submodule(model.base_model_prefix).embeddings
+    genes, rows = coexpression_rows(cells, model.config.d_model, max_cells, seed)
+    keep = genes >= GeneVocab.n_special
+    ids = torch.from_numpy(genes[keep])
+    target = embeddings.gene_index[ids] if embeddings.gene_index is not None else ids
+    weight = embeddings.gene.weight
     with torch.no_grad():
-        weight[torch.from_numpy(np.flatnonzero(genes))] = torch.from_numpy(rows[genes]).to(weight.dtype)
-    log.info("gene table: %d rows initialised from the co-expression of %d training cells", int(genes.sum()),
+        weight[target] = torch.from_numpy(rows[keep]).to(weight.dtype)
+    log.info("gene table: %d rows initialised from the co-expression of %d training cells", int(keep.sum()),
              min(len(cells), max_cells))
 
 

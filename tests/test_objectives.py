@@ -88,29 +88,29 @@ def test_coexpression_rows_follow_the_corpus(pbmc_small):
 
     tokenizer = CellTokenizer()
     cells = tokenizer.encode(pbmc_small)
-    table = np.asarray(gene_table(encoded_genes(cells, len(tokenizer.vocab)), tokenizer))
-    rows = coexpression_rows(cells, table, dim=16, seed=0)
-    assert rows.shape == (len(table), 16)
+    genes, rows = coexpression_rows(cells, dim=16, seed=0)
+    np.testing.assert_array_equal(genes, np.unique(cells.gene_ids))
+    assert rows.shape == (len(genes), 16)
     np.testing.assert_allclose(np.sqrt((rows ** 2).sum(1).mean()), 1.0, rtol=1e-4)
-    np.testing.assert_array_equal(rows, coexpression_rows(cells, table, dim=16, seed=0))  # deterministic
-    expressed = np.isin(table, cells.gene_ids)
-    assert np.abs(rows[~expressed]).max() < 1e-4  # never expressed in the sample: (numerically) zero rows
+    np.testing.assert_array_equal(rows, coexpression_rows(cells, dim=16, seed=0)[1])  # deterministic
     # genes that go up and down together get similar rows: the row cosine tracks the expression correlation
-    x = np.zeros((len(cells), len(table)))
+    x = np.zeros((len(cells), len(genes)))
     for i in range(len(cells)):
         row = cells[i]
-        x[i, np.searchsorted(table, row["gene_ids"])] = np.log1p(row["counts"] / row["counts"].sum() * 1e4)
+        x[i, np.searchsorted(genes, row["gene_ids"])] = np.log1p(row["counts"] / row["counts"].sum() * 1e4)
     top = np.argsort(-x.var(0))[:20]
     corr = np.corrcoef(x[:, top].T)[np.triu_indices(20, 1)]
     unit = rows[top] / np.linalg.norm(rows[top], axis=1, keepdims=True)
     cos = (unit @ unit.T)[np.triu_indices(20, 1)]
     assert np.corrcoef(corr, cos)[0, 1] > 0.5
 
-    config = ScFMConfig(vocab_size=len(tokenizer.vocab), gene_table=table.tolist(), d_model=16, n_layers=1,
-                        n_heads=2, d_ff=32, max_genes=64)
-    model = ScFMForMaskedExpression(config)
-    before = model.get_input_embeddings().weight.detach().clone()
-    init_gene_table_from_corpus(model, cells, seed=0)
-    after = model.get_input_embeddings().weight.detach()
-    assert torch.equal(after[:16], before[:16])  # special tokens keep their rows
-    np.testing.assert_allclose(after[16:].numpy(), rows[16:], rtol=1e-6)
+    for table in (gene_table(encoded_genes(cells, len(tokenizer.vocab)), tokenizer), None):  # compact, full
+        config = ScFMConfig(vocab_size=len(tokenizer.vocab), gene_table=table, d_model=16, n_layers=1,
+                            n_heads=2, d_ff=32, max_genes=64)
+        model = ScFMForMaskedExpression(config)
+        specials = torch.arange(16)
+        before = model.scfm.embeddings.embed_genes(specials).detach().clone()
+        init_gene_table_from_corpus(model, cells, seed=0)
+        emb = model.scfm.embeddings
+        assert torch.equal(emb.embed_genes(specials), before)  # special tokens keep their rows
+        np.testing.assert_allclose(emb.embed_genes(torch.from_numpy(genes)).detach().numpy(), rows, rtol=1e-6)
