@@ -35,7 +35,7 @@ def coexpression_rows(cells, dim: int, max_cells: int = 4000, seed: int = 0) -> 
     vals = np.concatenate([np.log1p(np.asarray(c["counts"], np.float64) / max(float(np.sum(c["counts"])), 1.0)
                                     * TARGET_SUM) for c in sample])
     index = torch.from_numpy(np.stack([rows, cols]))
-    x = torch.sparse_coo_tensor(index, torch.from_numpy(vals).float(), (n, len(genes))).coalesce()
+    x = torch.sparse_coo_tensor(index, torch.from_numpy(vals).float(), (n, len(genes)), check_invariants=True).coalesce()
     mean = torch.sparse.sum(x, 0).to_dense().unsqueeze(0) / n
     q = min(dim, n, len(genes))
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG stream is left as it was

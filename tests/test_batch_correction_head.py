@@ -130,7 +130,7 @@ def test_loss_goes_down(tiny_model_dir, kang_small, tmp_path, ecs_weight):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     history = []
-    for _ in range(8):
+    for _ in range(16):
         out = model(**batch)
         opt.zero_grad()
         out.loss.backward()
