@@ -155,3 +155,16 @@ def test_model_with_too_few_matching_genes_names_the_file(tmp_path, tiny_model_d
                    ["fm_knn", "majority"])
     with pytest.raises(ValueError, match=r"renamed\.h5ad.*vocabulary"):
         run_suite(suite, "ci", [tiny_model_dir], tmp_path / "out")
+
+
+def test_methods_and_datasets_pick_a_subset_of_a_suite():
+    from fm.eval.harness import resolve_profile
+
+    suite = load_suite(Path(__file__).resolve().parents[1] / "eval" / "annotation.yaml")
+    plan = resolve_profile(suite, "cpu", [0], methods=["knn_pca", "fm_finetune"], datasets=["kang_ctrl_to_stim"])
+    assert plan["methods"] == ["knn_pca", "fm_finetune"] and [d["name"] for d in plan["datasets"]] == ["kang_ctrl_to_stim"]
+    assert plan["seeds"] == [0]
+    with pytest.raises(ValueError, match="--methods \\['scgpt'\\] not in the suite's methods"):
+        resolve_profile(suite, "cpu", methods=["scgpt"])
+    with pytest.raises(ValueError, match="--datasets"):
+        resolve_profile(suite, "cpu", datasets=["pbmc68k"])

@@ -6,7 +6,7 @@ def _cmd_eval(args) -> int:
     from fm.eval.harness import run_suites
 
     df = run_suites(args.suites, profile=args.profile, models=args.model or [], output_dir=args.output,
-                    seeds=args.seeds, controls=not args.no_controls)
+                    seeds=args.seeds, controls=not args.no_controls, methods=args.methods, datasets=args.datasets)
     where = args.output if len(args.suites) == 1 else f"{args.output}/<task>"
     print(f"{len(df)} result rows; wrote {where}/results.csv, results.md, plots and meta.json")
     return 0
@@ -21,6 +21,8 @@ def add_eval_parser(sub) -> None:
                    help="exported model directory (repeatable); adds the FM methods of each suite")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the profile's seeds")
+    p.add_argument("--methods", nargs="+", default=None, help="run only these of the suite's methods")
+    p.add_argument("--datasets", nargs="+", default=None, help="run only these of the suite's datasets")
     p.add_argument("--no-controls", action="store_true",
                    help="skip the random-init twin rows (<method>[<model>:random_init] / [<model>:scratch]) "
                         "that every FM method gets by default")

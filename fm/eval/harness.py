@@ -83,15 +83,22 @@ def load_suite(path: str | Path) -> dict:
     return suite
 
 
-def resolve_profile(suite: dict, profile: str, seeds: list[int] | None = None) -> dict:
-    """The datasets, methods, seeds and caps one profile runs (profile values override the top level)."""
+def resolve_profile(suite: dict, profile: str, seeds: list[int] | None = None, methods: list[str] | None = None,
+                    datasets: list[str] | None = None) -> dict:
+    """The datasets, methods, seeds and caps one profile runs (profile values override the top level;
+    `seeds` / `methods` / `datasets` given by the caller override the profile: a subset of the suite)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; allowed: {list(PROFILES)}")
     spec = (suite.get("profiles") or {}).get(profile) or {}
-    wanted = spec.get("datasets")
-    datasets = [d for d in suite["datasets"] if wanted is None or d["name"] in wanted]
+    names = [d["name"] for d in suite["datasets"]]
+    for given, allowed, what in ((methods, suite["methods"], "methods"), (datasets, names, "datasets")):
+        unknown = sorted(set(given or ()) - set(allowed))
+        if unknown:
+            raise ValueError(f"--{what} {unknown} not in the suite's {what}: {list(allowed)}")
+    wanted = datasets or spec.get("datasets")
+    chosen = [d for d in suite["datasets"] if wanted is None or d["name"] in wanted]
     caps = {**(suite.get("caps") or {}), **(spec.get("caps") or {})}
-    return {"datasets": datasets, "methods": list(spec.get("methods", suite["methods"])),
+    return {"datasets": chosen, "methods": list(methods or spec.get("methods", suite["methods"])),
             "seeds": list(seeds if seeds is not None else spec.get("seeds", suite.get("seeds", [0]))),
             "caps": caps}
 
@@ -155,7 +162,7 @@ def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalCont
 
 
 def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval", seeds=None,
-              data_dir=None, write: bool = True, controls: bool = True) -> pd.DataFrame:
+              data_dir=None, write: bool = True, controls: bool = True, methods=None, datasets=None) -> pd.DataFrame:
     """Run one suite and (by default) write results.csv, results.md, plots and meta.json.
 
     `controls` (default on) adds the random-init twin rows of every FM method (fm.eval.controls);
@@ -168,7 +175,7 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
     t0 = time.perf_counter()
     suite = load_suite(suite_path)
     module = suite["_module"]
-    plan = resolve_profile(suite, profile, seeds)
+    plan = resolve_profile(suite, profile, seeds, methods, datasets)
     models = [Path(m) for m in models]
     for m in models:
         if not (m / "config.json").is_file():
@@ -202,10 +209,14 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
 
 
 def run_suites(suite_paths, profile="cpu", models=(), output_dir="runs/eval", seeds=None,
-               controls: bool = True) -> pd.DataFrame:
-    """Several suites: each into output_dir/<task>/, plus a combined results.md at output_dir."""
+               controls: bool = True, methods=None, datasets=None) -> pd.DataFrame:
+    """Several suites: each into output_dir/<task>/, plus a combined results.md at output_dir.
+    `methods` / `datasets` (a subset) apply to a single suite only."""
     if len(suite_paths) == 1:
-        return run_suite(suite_paths[0], profile, models, output_dir, seeds, controls=controls)
+        return run_suite(suite_paths[0], profile, models, output_dir, seeds, controls=controls, methods=methods,
+                         datasets=datasets)
+    if methods or datasets:
+        raise ValueError("--methods / --datasets pick from one suite; run the suites one at a time")
     from fm.eval.report import write_combined
 
     output_dir = Path(output_dir)
