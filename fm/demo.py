@@ -13,7 +13,7 @@ import numpy as np
 
 from fm.config import load_config
 from fm.paths import DATA_DIR_ENV, data_dir, h5ad_path, recipe_path
-from fm.quality import knn_label_accuracy
+from fm.quality import knn_label_accuracy, untrained_twin
 
 log = logging.getLogger("fm")
 DEMO_FILE = "pbmc3k_seurat_hvg2000_labeled.h5ad"
@@ -31,13 +31,9 @@ def pca_of_log_counts(adata: ad.AnnData, n_components: int = 50) -> np.ndarray:
 def random_init_embedding(adata: ad.AnnData, model) -> np.ndarray:
     """Cell embeddings of the model's untrained twin (same config and tokenizer, random weights, seed 0):
     the reference that says whether pretraining taught the model anything."""
-    import torch
-
     from fm.inference import cell_embeddings
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        twin = type(model)(model.config)
+    twin = untrained_twin(type(model), model.config, seed=0)
     twin.cell_tokenizer = model.cell_tokenizer
     return cell_embeddings(adata, twin, batch_size=128)
 

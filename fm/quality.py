@@ -84,6 +84,16 @@ def embedding_metrics(x: np.ndarray, labels: np.ndarray, log_depth: np.ndarray, 
     return out
 
 
+def untrained_twin(cls, config, seed: int):
+    """`cls(config)` with the model's own initialiser seeded by `seed`, the caller's torch RNG left as it was:
+    the random-init reference every quality number (quality log, demo, fm eval controls) is compared with."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config)
+
+
 @dataclass
 class ProbeSet:
     """A labelled AnnData (raw counts, in memory) measured during pretraining."""
@@ -144,11 +154,8 @@ class QualityMonitor:
             model.cell_tokenizer = before
 
     def _twin(self, model):
-        """Same class and config, fresh random weights (called inside __call__'s forked RNG)."""
-        import torch
-
-        torch.manual_seed(self.seed + 1)
-        return type(model)(model.config).to(next(model.parameters()).device)
+        """Same class and config, fresh random weights, on the model's device."""
+        return untrained_twin(type(model), model.config, self.seed + 1).to(next(model.parameters()).device)
 
     def __call__(self, model, step: int) -> None:
         import torch
@@ -202,5 +209,5 @@ def plot_quality(path: str | Path) -> Path | None:
     return out
 
 
-__all__ = ["ProbeSet", "QualityMonitor", "depth_correlation", "embedding_metrics", "knn_label_accuracy",
+__all__ = ["ProbeSet", "QualityMonitor", "untrained_twin", "depth_correlation", "embedding_metrics", "knn_label_accuracy",
            "load_probe", "plot_quality"]

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from fm.data.collator import CellCollator
-from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression, view_contrastive_loss
+from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression
+from fm.objectives import view_contrastive_loss
 from fm.preprocessing import TARGET_SUM
 from fm.tokenizer import CellTokenizer
 

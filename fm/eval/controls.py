@@ -62,10 +62,10 @@ def random_init_twin(model_dir: str | Path, out_dir: str | Path, seed: int) -> P
     RNG is left as it was). `out_dir` is replaced. A `random_init.json` marker names the source and
     seed, so the directory cannot be mistaken for a trained model later.
     """
-    import torch
     from transformers import AutoConfig
 
     from fm.api import architecture_class
+    from fm.quality import untrained_twin
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = AutoConfig.from_pretrained(model_dir)
@@ -73,9 +73,7 @@ def random_init_twin(model_dir: str | Path, out_dir: str | Path, seed: int) -> P
     cls = architecture_class(arch)
     if cls is None:
         raise ValueError(f"{model_dir}: unknown architecture {arch!r}; cannot build its random-init twin")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
+    model = untrained_twin(cls, config, seed)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)

@@ -39,8 +39,8 @@ from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
 from fm.heads import IGNORE_INDEX
-from fm.modeling_scfm import (ScFMExpressionHead, ScFMModel, ScFMMVCHead, ScFMPreTrainedModel, masked_mse,
-                              prepare_masks)
+from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.objectives import ScFMExpressionHead, ScFMMVCHead, masked_mse, prepare_masks
 
 
 def ecs_loss(cell: torch.Tensor, threshold: float) -> torch.Tensor:

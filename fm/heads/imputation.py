@@ -21,7 +21,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel, masked_mse
+from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.objectives import masked_mse
 
 
 @dataclass

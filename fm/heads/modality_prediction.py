@@ -26,7 +26,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel, prepare_masks
+from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.objectives import prepare_masks
 
 
 @dataclass
