@@ -10,6 +10,8 @@ from transformers import PretrainedConfig
 from fm.value_encoding import VALUE_ENCODINGS, ValueEncoding, check_n_bins, get_value_encoding
 
 POOLINGS = ("cls", "mean")
+ACTIVATIONS = ("gelu", "relu")
+EXPRESSION_DECODERS = ("gelu", "scgpt")
 
 
 class ScFMConfig(PretrainedConfig):
@@ -28,8 +30,9 @@ class ScFMConfig(PretrainedConfig):
     def __init__(
         self,
         vocab_size: int = 136_000,  # gene vocab incl. special tokens; the tokenizer sets the real size
-        # vocab ids that own a gene-embedding row, ascending (row r embeds id gene_table[r]); None: one row per
-        # vocab id. Pretraining keeps the specials + its corpus' genes: the other rows would never train.
+        # vocab ids that own a gene-embedding row (row r embeds id gene_table[r]; distinct, any order: pretraining
+        # writes them ascending, an imported checkpoint keeps its own row order); None: one row per vocab id.
+        # Pretraining keeps the specials + its corpus' genes: the other rows would never train.
         gene_table: list[int] | None = None,
         n_bins: int = 51,  # value tokens 0..n_bins-1 are expression bins (0 = not expressed), as scGPT
         value_encoding: str = "bins",  # counts -> values: "bins" | "rank" | "continuous" (fm.value_encoding)
@@ -52,6 +55,15 @@ class ScFMConfig(PretrainedConfig):
         contrastive_temperature: float = 0.1,  # InfoNCE temperature (SimCLR's range)
         gep_weight: float = 1.0,  # weight of the per-token GEP loss (0 = cell-embedding objectives only)
         layer_norm_eps: float = 1e-5,  # PyTorch's LayerNorm default
+        # ---- architecture variants, so imported checkpoints (fm/convert) are configurations of this model
+        norm_first: bool = True,  # Pre-LN blocks + a final LayerNorm; False: Post-LN, no final norm (scGPT, BERT)
+        activation: str = "gelu",  # MLP activation: "gelu" | "relu" (scGPT)
+        gene_norm: bool = False,  # LayerNorm on the gene embedding itself (scGPT's encoder.enc_norm)
+        embedding_norm: bool = True,  # LayerNorm on the summed token embedding (scGPT has none)
+        cls_value: bool = False,  # <cls> also gets the value embedding of the pad value (scGPT's <cls> carries -2)
+        learned_value_sentinels: bool = True,  # continuous values: mask/pad get learned vectors (False: the MLP, scGPT)
+        value_max: float | None = None,  # continuous values: clamp at this maximum before the MLP (scGPT: 512)
+        expression_decoder: str = "gelu",  # GEP head: "gelu" (Linear-GELU-Linear) | "scgpt" (2 LeakyReLU layers)
         initializer_range: float = 0.02,  # std of the normal init, BERT/GPT-2's
         pad_token_id: int = 0,  # gene-vocab ids of the special tokens, fixed by the tokenizer
         cls_token_id: int = 1,
@@ -105,6 +117,14 @@ class ScFMConfig(PretrainedConfig):
         self.contrastive_temperature = float(contrastive_temperature)
         self.gep_weight = float(gep_weight)
         self.layer_norm_eps = float(layer_norm_eps)
+        self.norm_first = bool(norm_first)
+        self.activation = str(activation)
+        self.gene_norm = bool(gene_norm)
+        self.embedding_norm = bool(embedding_norm)
+        self.cls_value = bool(cls_value)
+        self.learned_value_sentinels = bool(learned_value_sentinels)
+        self.value_max = None if value_max is None else float(value_max)
+        self.expression_decoder = str(expression_decoder)
         self.initializer_range = float(initializer_range)
         self.cls_token_id = int(cls_token_id)
         self.mask_token_id = int(mask_token_id)
@@ -132,16 +152,17 @@ class ScFMConfig(PretrainedConfig):
         self._validate_gene_table()
 
     def _validate_gene_table(self) -> None:
-        """A compact table holds ascending vocabulary ids, the special tokens the model itself feeds in among them."""
+        """A compact table holds distinct vocabulary ids, among them the special tokens the model itself feeds in
+        (<pad>, <cls>; <mask> is a value, not a gene token, so it needs no row)."""
         table = self.gene_table
         if table is None:
             return
-        if not table or table[0] < 0 or table[-1] >= self.vocab_size or any(b <= a for a, b in zip(table, table[1:])):
-            raise ValueError(f"gene_table must be ascending, distinct vocabulary ids in [0, {self.vocab_size}), "
+        if not table or min(table) < 0 or max(table) >= self.vocab_size or len(set(table)) != len(table):
+            raise ValueError(f"gene_table must hold distinct vocabulary ids in [0, {self.vocab_size}), "
                              f"got {len(table)} ids from {table[:3]} to {table[-3:]}")
-        missing = sorted({self.pad_token_id, self.cls_token_id, self.mask_token_id} - set(table))
+        missing = sorted({self.pad_token_id, self.cls_token_id} - set(table))
         if missing:
-            raise ValueError(f"gene_table lacks the special token ids {missing} (pad, cls, mask need rows)")
+            raise ValueError(f"gene_table lacks the special token ids {missing} (pad and cls need rows)")
 
     def _validate(self) -> None:
         if self.d_model % self.n_heads:
@@ -164,6 +185,10 @@ class ScFMConfig(PretrainedConfig):
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.expression_decoder not in EXPRESSION_DECODERS:
+            raise ValueError(f"expression_decoder must be one of {EXPRESSION_DECODERS}, got {self.expression_decoder!r}")
         if self.target_scale not in ("log1p", "normalized"):
             raise ValueError(f"target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
         if self.adversary not in ("confusion", "reversal"):

@@ -32,18 +32,25 @@ class ScFMContinuousValueEncoder(nn.Module):
     pad_value_id = -2.0; real values are log1p >= 0) in the same `values` tensor, so the batch
     format is the discrete encodings'; those positions get a learned vector (`special`: row 0
     <mask>, row 1 <pad>) instead of the MLP of a meaningless number.
+
+    With config.learned_value_sentinels False (scGPT), every value goes through the MLP, clamped only
+    at config.value_max (scGPT's 512).
     """
 
     def __init__(self, config: ScFMConfig):
         super().__init__()
         self.mask_value, self.pad_value = config.mask_value_id, config.pad_value_id
+        self.value_max = config.value_max
         self.fc1 = nn.Linear(1, config.d_model)
         self.fc2 = nn.Linear(config.d_model, config.d_model)
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.special = nn.Embedding(2, config.d_model)
+        self.special = nn.Embedding(2, config.d_model) if config.learned_value_sentinels else None
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        x = values.clamp(min=0).unsqueeze(-1).to(self.fc1.weight.dtype)  # (B, L, 1)
+        if self.special is None:  # scGPT: the sentinels are numbers like any other
+            x = values.clamp(max=self.value_max) if self.value_max is not None else values
+            return self.norm(self.fc2(F.relu(self.fc1(x.unsqueeze(-1).to(self.fc1.weight.dtype)))))
+        x = values.clamp(min=0, max=self.value_max).unsqueeze(-1).to(self.fc1.weight.dtype)  # (B, L, 1)
         h = self.norm(self.fc2(F.relu(self.fc1(x))))
         special = (values == self.mask_value) | (values == self.pad_value)
         learned = self.special((values == self.pad_value).long())  # through forward: ZeRO-3 gathers it
@@ -76,7 +83,8 @@ class ScFMEmbeddings(nn.Module):
             self.value = ScFMContinuousValueEncoder(config)
         # one table per condition key, in config.condition_keys order (names conditions.0, .1, …)
         self.conditions = nn.ModuleList(nn.Embedding(n, config.d_model) for n in config.condition_vocab_sizes)
-        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.gene_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.gene_norm else None
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.dropout)
 
     def embed_genes(self, gene_ids: torch.Tensor) -> torch.Tensor:
@@ -89,12 +97,16 @@ class ScFMEmbeddings(nn.Module):
         """
         if self.gene_index is not None:
             gene_ids = self.gene_index[gene_ids]
-        return self.gene(gene_ids)
+        rows = self.gene(gene_ids)
+        return rows if self.gene_norm is None else self.gene_norm(rows)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, condition_ids: torch.Tensor | None):
         B = gene_ids.shape[0]
         tokens = self.embed_genes(torch.cat([gene_ids.new_full((B, 1), self.config.cls_token_id), gene_ids], 1))
-        prefix = [tokens[:, :1]]  # (B, 1, D)
+        cls = tokens[:, :1]  # (B, 1, D)
+        if self.config.cls_value:  # scGPT: <cls> is a gene token whose value is the pad value
+            cls = cls + self.value(values.new_full((B, 1), self.config.pad_value_id))
+        prefix = [cls]
         if self.conditions:
             if condition_ids is None:  # no conditions given = all unknown (id 0)
                 condition_ids = gene_ids.new_zeros(B, len(self.conditions))
@@ -106,7 +118,7 @@ class ScFMEmbeddings(nn.Module):
             prefix += [table(condition_ids[:, i : i + 1]) for i, table in enumerate(self.conditions)]
         genes = tokens[:, 1:] + self.value(values)  # (B, L, D)
         x = torch.cat(prefix + [genes], dim=1)  # (B, T, D)
-        return self.dropout(self.norm(x))
+        return self.dropout(x if self.norm is None else self.norm(x))
 
 
 def build_gene_index(config: ScFMConfig) -> torch.Tensor:
@@ -147,13 +159,15 @@ class ScFMMLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(config.d_model, config.d_ff)
         self.proj = nn.Linear(config.d_ff, config.d_model)
+        self.act = F.relu if config.activation == "relu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(self.act(self.fc(x)))
 
 
 class ScFMBlock(GradientCheckpointingLayer):
-    """Pre-LN transformer block. Subclassing GradientCheckpointingLayer makes
+    """Pre-LN transformer block (config.norm_first; False: Post-LN, PyTorch's TransformerEncoderLayer default
+    and scGPT's, x = ln1(x + attn(x)); x = ln2(x + mlp(x))). Subclassing GradientCheckpointingLayer makes
     `model.gradient_checkpointing_enable()` recompute this block's forward in the backward pass
     (the hidden state must be passed positionally for that)."""
 
@@ -164,8 +178,12 @@ class ScFMBlock(GradientCheckpointingLayer):
         self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = ScFMMLP(config)
         self.dropout = nn.Dropout(config.dropout)
+        self.norm_first = config.norm_first
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.norm_first:
+            x = self.ln1(x + self.dropout(self.attn(x, attn_mask)))
+            return self.ln2(x + self.dropout(self.mlp(x)))
         x = x + self.dropout(self.attn(self.ln1(x), attn_mask))
         return x + self.dropout(self.mlp(self.ln2(x)))
 
@@ -234,7 +252,8 @@ class ScFMModel(ScFMPreTrainedModel):
         super().__init__(config)
         self.embeddings = ScFMEmbeddings(config)
         self.layers = nn.ModuleList(ScFMBlock(config) for _ in range(config.n_layers))
-        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        # Post-LN blocks end in a LayerNorm already
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else nn.Identity()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

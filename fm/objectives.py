@@ -35,11 +35,16 @@ def prepare_masks(config: ScFMConfig, gene_ids: torch.Tensor, values: torch.Tens
 
 
 class ScFMExpressionHead(nn.Sequential):
-    """scGPT's GEP decoder: Linear(D, D) → GELU → Linear(D, 1) on each gene's hidden state → its
-    expression on the scale of config.encoding.target(labels). (A Sequential, so the keys stay `0.*` / `2.*`.)"""
+    """GEP decoder on each gene's hidden state → its expression on the scale of config.encoding.target(labels):
+    Linear(D, D) → GELU → Linear(D, 1), or scGPT's ExprDecoder (config.expression_decoder="scgpt": two
+    Linear(D, D) → LeakyReLU layers, then Linear(D, 1)). A Sequential, so the keys stay `0.*` / `2.*` (/ `4.*`)."""
 
     def __init__(self, config: ScFMConfig):
-        super().__init__(nn.Linear(config.d_model, config.d_model), nn.GELU(), nn.Linear(config.d_model, 1))
+        d = config.d_model
+        if config.expression_decoder == "scgpt":
+            super().__init__(nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, 1))
+        else:
+            super().__init__(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return super().forward(hidden).squeeze(-1)

@@ -117,8 +117,12 @@ class CellTokenizer:
     def __init__(self, vocab: GeneVocab | None = None, n_bins: int = 51, condition_keys: Sequence[str] = (),
                  condition_categories: dict[str, list[str]] | None = None, gene_key: str | None = None,
                  layer: str | None = None, min_matched_fraction: float = 0.2, allow_non_counts: bool = False,
-                 gene_table: Sequence[int] | None = None):
+                 gene_table: Sequence[int] | None = None, model_genes: dict[str, int] | None = None):
         self.vocab = vocab or GeneVocab.default()
+        # an imported checkpoint's own gene names (scGPT symbols, Geneformer Ensembl IDs) → token id: matched
+        # exactly before the vocabulary, as the checkpoint's own code matches them. Ids >= len(vocab) are genes
+        # our vocabulary does not know (retired symbols/IDs): the model has rows for them, only this name finds them.
+        self.model_genes = None if model_genes is None else {str(k): int(v) for k, v in model_genes.items()}
         # vocab ids the model has embedding rows for (ScFMConfig.gene_table); None = every vocab id. Genes
         # outside it are dropped at encoding: their rows were never trained (a compact table has none).
         self.gene_table = None if gene_table is None else np.asarray(gene_table, dtype=np.int64)
@@ -144,6 +148,9 @@ class CellTokenizer:
                              "Ensembl IDs (e.g. 'gene_ids').")
         species = self.vocab.detect_species(names)
         ids = self.vocab.lookup(names, species=species)
+        if self.model_genes:
+            own = pd.Index(list(self.model_genes)).get_indexer(names)
+            ids = np.where(own >= 0, np.fromiter(self.model_genes.values(), np.int64, len(self.model_genes))[own], ids)
         match = GeneMatch(ids, species, source)
         if match.fraction < self.min_matched_fraction:
             examples = names[ids < 0][:5].tolist()
@@ -303,6 +310,8 @@ class CellTokenizer:
                   "condition_categories": self.condition_categories, "gene_key": self.gene_key,
                   "layer": self.layer, "min_matched_fraction": self.min_matched_fraction,
                   "allow_non_counts": self.allow_non_counts, "vocab_sha256": self.vocab.sha256}
+        if self.model_genes is not None:
+            config["model_genes"] = self.model_genes
         (directory / TOKENIZER_FILE).write_text(json.dumps(config, indent=2))
 
     @classmethod

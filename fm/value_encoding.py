@@ -159,7 +159,29 @@ class ContinuousEncoding:
         return labels
 
 
-VALUE_ENCODINGS = {cls.name: cls for cls in (BinEncoding, RankEncoding, ContinuousEncoding)}
+@dataclass(frozen=True)
+class BinValueEncoding:
+    """scGPT's per-cell bins (as `bins`), handed to the model as float numbers: the input of scGPT's
+    `input_emb_style: continuous` (its released checkpoints), whose value encoder is an MLP of the bin
+    number. Mask / pad are scGPT's -1.0 / -2.0; the pretraining target is the bin itself (scGPT's MSE)."""
+
+    n_bins: int = 51
+    name: ClassVar[str] = "bin_values"
+    discrete: ClassVar[bool] = False
+    mask_value_id: ClassVar[float] = -1.0
+    pad_value_id: ClassVar[float] = -2.0
+
+    def __post_init__(self):
+        check_n_bins(self.n_bins)
+
+    def encode(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        return bin_csr(indptr, counts, self.n_bins).astype(np.float32)
+
+    def target(self, labels):
+        return labels
+
+
+VALUE_ENCODINGS = {cls.name: cls for cls in (BinEncoding, RankEncoding, ContinuousEncoding, BinValueEncoding)}
 
 
 def get_value_encoding(spec: "str | ValueEncoding", n_bins: int = 51) -> ValueEncoding:
@@ -175,5 +197,5 @@ def get_value_encoding(spec: "str | ValueEncoding", n_bins: int = 51) -> ValueEn
     return spec
 
 
-__all__ = ["BinEncoding", "ContinuousEncoding", "MIN_N_BINS", "RankEncoding", "VALUE_ENCODINGS", "ValueEncoding",
+__all__ = ["BinEncoding", "BinValueEncoding", "ContinuousEncoding", "MIN_N_BINS", "RankEncoding", "VALUE_ENCODINGS", "ValueEncoding",
            "check_n_bins", "get_value_encoding"]

@@ -45,10 +45,14 @@ def test_embed_genes_maps_vocab_ids_to_rows():
     rows = emb.embed_genes(torch.tensor([[100, 2000, 70_000, 1]]))
     torch.testing.assert_close(rows[0], emb.gene.weight[[N_SPECIAL, N_SPECIAL + 1, N_SPECIAL + 2, 1]])
     assert emb.embed_genes(torch.tensor([101])).abs().sum() == 0, "an id without a row reads the zero pad row"
-    with pytest.raises(ValueError, match="ascending"):
-        _tiny_config(gene_table=[0, 1, 2, 2000, 100])
-    with pytest.raises(ValueError, match="special token ids \\[1, 2\\]"):
+    with pytest.raises(ValueError, match="distinct"):
+        _tiny_config(gene_table=[0, 1, 2, 2000, 2000])
+    with pytest.raises(ValueError, match="special token ids \\[1\\]"):
         _tiny_config(gene_table=[0, 100])
+    # an imported checkpoint keeps its own row order: rows are found through the id, not the position
+    shuffled = ScFMForMaskedExpression(_tiny_config(gene_table=[2000, 1, 100, 0])).scfm.embeddings
+    assert shuffled.gene.padding_idx == 3
+    torch.testing.assert_close(shuffled.embed_genes(torch.tensor([100, 2000])), shuffled.gene.weight[[2, 0]])
 
 
 def test_symbols_and_ensembl_ids_read_the_same_rows(pbmc_small, caplog):
