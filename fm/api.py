@@ -11,13 +11,15 @@ import numpy as np
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
-from fm import modeling_scfm
+from fm import modeling_bert, modeling_scfm
 from fm.inference import cell_embeddings
 from fm.tasks import registry
 from fm.tokenizer import CellTokenizer
 
-BACKBONES = {name: getattr(modeling_scfm, name) for name in ("ScFMModel", "ScFMForMaskedExpression")}
-"""config.architectures[0] → class for the backbone and the pretraining model; task heads: the task registry."""
+BACKBONES = {**{name: getattr(modeling_scfm, name) for name in ("ScFMModel", "ScFMForMaskedExpression")},
+             **{name: getattr(modeling_bert, name) for name in ("ScFMBertModel", "ScFMBertForMaskedLM")}}
+"""config.architectures[0] → class for the backbones (scfm's, an imported BERT's) and their pretraining models;
+task heads: the task registry."""
 
 
 def architecture_class(name: str) -> type | None:

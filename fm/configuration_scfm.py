@@ -12,6 +12,7 @@ from fm.value_encoding import VALUE_ENCODINGS, ValueEncoding, check_n_bins, get_
 POOLINGS = ("cls", "mean")
 ACTIVATIONS = ("gelu", "relu")
 EXPRESSION_DECODERS = ("gelu", "scgpt")
+BACKBONES = ("scfm", "bert")
 
 
 class ScFMConfig(PretrainedConfig):
@@ -64,6 +65,13 @@ class ScFMConfig(PretrainedConfig):
         learned_value_sentinels: bool = True,  # continuous values: mask/pad get learned vectors (False: the MLP, scGPT)
         value_max: float | None = None,  # continuous values: clamp at this maximum before the MLP (scGPT: 512)
         expression_decoder: str = "gelu",  # GEP head: "gelu" (Linear-GELU-Linear) | "scgpt" (2 LeakyReLU layers)
+        # ---- imported BERT backbones (Geneformer; fm/modeling_bert.py, fm/convert/geneformer.py)
+        backbone: str = "scfm",  # "scfm" (ScFMModel) | "bert" (ScFMBertModel: transformers' BertModel over gene_table rows)
+        bert_config: dict | None = None,  # backbone "bert": the checkpoint's BertConfig kwargs (sets d_model, n_layers, …)
+        embedding_layer: int = -1,  # bert: Geneformer's emb_layer, the cell-embedding layer (-1 penultimate, 0 last)
+        gene_medians: list[float] | None = None,  # per gene_table row: Geneformer's median (0 = none: never a token)
+        add_cls_eos: bool = False,  # bert: wrap each cell as <cls> genes <eos> (Geneformer V2); V1 adds nothing
+        eoc_token_id: int = 3,  # vocab id of <eoc>, the row Geneformer V2's <eos> maps to
         initializer_range: float = 0.02,  # std of the normal init, BERT/GPT-2's
         pad_token_id: int = 0,  # gene-vocab ids of the special tokens, fixed by the tokenizer
         cls_token_id: int = 1,
@@ -92,6 +100,20 @@ class ScFMConfig(PretrainedConfig):
         n_neighbors: int = 8,  # cci: spatial neighbours that form a cell's niche
         **kwargs,
     ):
+        self.backbone = str(backbone)
+        self.bert_config = None if bert_config is None else dict(bert_config)
+        self.embedding_layer = int(embedding_layer)
+        self.gene_medians = None if gene_medians is None else [float(m) for m in gene_medians]
+        self.add_cls_eos = bool(add_cls_eos)
+        self.eoc_token_id = int(eoc_token_id)
+        if self.backbone == "bert" and self.bert_config is not None:  # the sizes every head reads come from BERT's
+            b = self.bert_config
+            d_model, n_layers = b.get("hidden_size", 768), b.get("num_hidden_layers", 12)
+            n_heads, d_ff = b.get("num_attention_heads", 12), b.get("intermediate_size", 3072)
+            dropout = b.get("hidden_dropout_prob", 0.1)
+            layer_norm_eps = b.get("layer_norm_eps", 1e-12)
+            # the MLM decoder is the word embedding (transformers ties it when the model's config says so)
+            kwargs.setdefault("tie_word_embeddings", b.get("tie_word_embeddings", True))
         self.vocab_size = int(vocab_size)
         self.gene_table = None if gene_table is None else [int(i) for i in gene_table]
         self.n_bins = int(n_bins)
@@ -160,11 +182,26 @@ class ScFMConfig(PretrainedConfig):
         if not table or min(table) < 0 or max(table) >= self.vocab_size or len(set(table)) != len(table):
             raise ValueError(f"gene_table must hold distinct vocabulary ids in [0, {self.vocab_size}), "
                              f"got {len(table)} ids from {table[:3]} to {table[-3:]}")
-        missing = sorted({self.pad_token_id, self.cls_token_id} - set(table))
+        needed = {self.pad_token_id, self.cls_token_id}
+        if self.backbone == "bert":  # BERT sees only the tokens it was trained with: <cls>/<eoc> only when it adds them
+            needed = {self.pad_token_id} | ({self.cls_token_id, self.eoc_token_id} if self.add_cls_eos else set())
+        missing = sorted(needed - set(table))
         if missing:
-            raise ValueError(f"gene_table lacks the special token ids {missing} (pad and cls need rows)")
+            raise ValueError(f"gene_table lacks the special token ids {missing} (the tokens the model feeds in need rows)")
+        if self.gene_medians is not None and len(self.gene_medians) != len(table):
+            raise ValueError(f"gene_medians has {len(self.gene_medians)} entries for {len(table)} gene_table rows")
+        if self.backbone == "bert" and self.bert_config is not None:
+            rows = self.bert_config.get("vocab_size")
+            if rows != len(table):
+                raise ValueError(f"bert_config vocab_size ({rows}) must equal the gene_table rows ({len(table)})")
 
     def _validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone == "bert":
+            self._validate_bert()
+        elif self.gene_medians is not None or self.add_cls_eos:
+            raise ValueError("gene_medians / add_cls_eos describe a Geneformer (backbone 'bert') model")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if len(self.condition_keys) != len(self.condition_vocab_sizes):
@@ -196,6 +233,24 @@ class ScFMConfig(PretrainedConfig):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_genes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _validate_bert(self) -> None:
+        if self.bert_config is None or self.gene_table is None:
+            raise ValueError("backbone 'bert' needs bert_config (the checkpoint's BertConfig) and gene_table "
+                             "(our id of each word-embedding row)")
+        if self.condition_keys:
+            raise ValueError(f"backbone 'bert' takes no condition tokens, got condition_keys {self.condition_keys}")
+        if self.zero_fraction:
+            raise ValueError("backbone 'bert' reads expressed genes only (Geneformer): zero_fraction must be 0")
+        if not -self.n_layers <= self.embedding_layer <= 0:
+            raise ValueError(f"embedding_layer must be in [-{self.n_layers}, 0] (Geneformer's emb_layer), "
+                             f"got {self.embedding_layer}")
+        if self.pooling == "cls" and not self.add_cls_eos:
+            raise ValueError("pooling 'cls' needs a <cls> token: a Geneformer V1 model (add_cls_eos False) pools 'mean'")
+        positions = self.bert_config.get("max_position_embeddings", 512)
+        if self.max_genes + 2 * self.add_cls_eos > positions:
+            raise ValueError(f"max_genes {self.max_genes} (+2 for <cls>/<eos>: {self.add_cls_eos}) exceeds the "
+                             f"model's {positions} positions")
 
     @property
     def n_gene_rows(self) -> int:

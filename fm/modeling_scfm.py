@@ -235,6 +235,53 @@ class ScFMPreTrainedModel(PreTrainedModel):
 # Backbone
 
 
+def build_backbone(config: ScFMConfig) -> ScFMPreTrainedModel:
+    """The backbone a config describes: ScFMModel, or ScFMBertModel for an imported BERT (config.backbone "bert").
+    Every head builds its `self.scfm` here."""
+    if config.backbone == "bert":
+        from .modeling_bert import ScFMBertModel  # modeling_bert imports this module
+
+        return ScFMBertModel(config)
+    return ScFMModel(config)
+
+
+def _bert_variant(cls, config):
+    """The BERT-backbone class to build instead of `cls` (AutoModel / AutoModelForMaskedLM map model_type "scfm"
+    to ScFMModel / ScFMForMaskedExpression, whatever the backbone), or None."""
+    if not isinstance(config, ScFMConfig) or config.backbone != "bert":
+        return None
+    from . import modeling_bert
+
+    return {ScFMModel: modeling_bert.ScFMBertModel,
+            ScFMForMaskedExpression: modeling_bert.ScFMBertForMaskedLM}.get(cls)
+
+
+class _BackboneDispatch:
+    """from_pretrained / from_config of the scfm-backbone classes build the BERT twin for a "bert" config."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = kwargs.get("config")
+        if not isinstance(config, ScFMConfig) and cls in (ScFMModel, ScFMForMaskedExpression):
+            try:
+                config = ScFMConfig.from_pretrained(pretrained_model_name_or_path)
+            except (OSError, ValueError):
+                config = None
+        other = _bert_variant(cls, config)
+        if other is not None:
+            if not isinstance(kwargs.get("config"), ScFMConfig):
+                kwargs["config"] = config
+            return other.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        other = _bert_variant(cls, config)
+        return other._from_config(config, **kwargs) if other is not None else super()._from_config(config, **kwargs)
+
+
+
+
 @dataclass
 class ScFMModelOutput(ModelOutput):
     """last_hidden_state (B, P+L, D) after the final LayerNorm; cell_embedding (B, D);
@@ -245,7 +292,7 @@ class ScFMModelOutput(ModelOutput):
     gene_hidden_states: torch.FloatTensor | None = None
 
 
-class ScFMModel(ScFMPreTrainedModel):
+class ScFMModel(_BackboneDispatch, ScFMPreTrainedModel):
     """Backbone: embeddings -> n_layers Pre-LN blocks -> final LayerNorm -> cell embedding."""
 
     def __init__(self, config: ScFMConfig):
@@ -335,7 +382,7 @@ class ScFMMaskedExpressionOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
 
 
-class ScFMForMaskedExpression(ScFMPreTrainedModel):
+class ScFMForMaskedExpression(_BackboneDispatch, ScFMPreTrainedModel):
     """Backbone + GEP head (expression from each gene's hidden state) + optional MVC head.
 
     Targets come from the value encoding (`config.encoding.target`): the true bins/levels scaled
@@ -436,5 +483,6 @@ __all__ = [
     "ScFMModelOutput",
     "ScFMForMaskedExpression",
     "ScFMMaskedExpressionOutput",
+    "build_backbone",
     "register_auto_classes",
 ]

@@ -181,7 +181,36 @@ class BinValueEncoding:
         return labels
 
 
-VALUE_ENCODINGS = {cls.name: cls for cls in (BinEncoding, RankEncoding, ContinuousEncoding, BinValueEncoding)}
+@dataclass(frozen=True)
+class GeneformerEncoding:
+    """Geneformer's normalised expression, count / cell total × 1e4, as float32 (the collator then divides by
+    each gene's median, `CellCollator.gene_medians`, and orders the genes by it: Geneformer's rank-value
+    encoding). A BERT backbone reads only the gene order, never these values; they are kept so a batch shows
+    what the order was made from. The cell total is over the genes the row holds (Geneformer's n_counts counts
+    every gene): a per-cell factor, which changes no order. Mask / pad are the sentinels -1.0 / -2.0."""
+
+    n_bins: int = 51  # unused; kept so a config's n_bins round-trips unchanged
+    name: ClassVar[str] = "geneformer"
+    discrete: ClassVar[bool] = False
+    mask_value_id: ClassVar[float] = -1.0
+    pad_value_id: ClassVar[float] = -2.0
+
+    def __post_init__(self):
+        check_n_bins(self.n_bins)
+
+    def encode(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        counts = np.asarray(counts, np.float64)
+        row = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        total = np.bincount(row, weights=counts, minlength=len(indptr) - 1)
+        return (counts * (1e4 / np.where(total > 0, total, 1.0))[row]).astype(np.float32)
+
+    def target(self, labels):
+        raise NotImplementedError("the geneformer encoding has no expression target: a Geneformer model is "
+                                  "pretrained by masked gene-token prediction (ScFMBertForMaskedLM), not expression")
+
+
+VALUE_ENCODINGS = {cls.name: cls for cls in (BinEncoding, RankEncoding, ContinuousEncoding, BinValueEncoding,
+                                             GeneformerEncoding)}
 
 
 def get_value_encoding(spec: "str | ValueEncoding", n_bins: int = 51) -> ValueEncoding:
@@ -197,5 +226,5 @@ def get_value_encoding(spec: "str | ValueEncoding", n_bins: int = 51) -> ValueEn
     return spec
 
 
-__all__ = ["BinEncoding", "BinValueEncoding", "ContinuousEncoding", "MIN_N_BINS", "RankEncoding", "VALUE_ENCODINGS", "ValueEncoding",
+__all__ = ["BinEncoding", "BinValueEncoding", "ContinuousEncoding", "GeneformerEncoding", "MIN_N_BINS", "RankEncoding", "VALUE_ENCODINGS", "ValueEncoding",
            "check_n_bins", "get_value_encoding"]

@@ -71,9 +71,21 @@ INFERENCE_SEED = 0
 
 def collator_settings(config) -> dict:
     """The CellCollator fields a model fixes through its ScFMConfig (value encoding, gene budget, pad id,
-    zero genes): every collator built for a model — pretraining, fine-tuning, inference — starts here."""
-    return dict(n_bins=config.n_bins, value_encoding=config.value_encoding, max_genes=config.max_genes,
-                pad_token_id=config.pad_token_id, zero_fraction=config.zero_fraction)
+    zero genes, Geneformer's gene medians): every collator built for a model — pretraining, fine-tuning,
+    inference — starts here."""
+    settings = dict(n_bins=config.n_bins, value_encoding=config.value_encoding, max_genes=config.max_genes,
+                    pad_token_id=config.pad_token_id, zero_fraction=config.zero_fraction)
+    medians = getattr(config, "gene_medians", None)
+    if medians is not None:
+        settings["gene_medians"] = vocab_medians(config.gene_table, medians, config.vocab_size)
+    return settings
+
+
+def vocab_medians(gene_table, medians, vocab_size: int) -> np.ndarray:
+    """(vocab_size,) float64 median of each vocabulary id (0 = no median: never a token) from per-row medians."""
+    out = np.zeros(vocab_size, dtype=np.float64)
+    out[np.asarray(gene_table, dtype=np.int64)] = np.asarray(medians, dtype=np.float64)
+    return out
 
 
 @dataclass
@@ -88,6 +100,14 @@ class CellCollator:
     include_zero_gene: predicting which genes are off is what ties the cell embedding to cell state.
     value_encoding (a name in fm.value_encoding.VALUE_ENCODINGS, built with n_bins, or an encoding
     object) turns counts into values; the default "bins" is scGPT's per-cell binning.
+
+    gene_medians set (a Geneformer model): a cell's tokens are exactly Geneformer's rank-value encoding,
+    train or not — only genes with a median (> 0) and a count, ordered by count / median descending (the
+    per-cell normalisation by total counts changes no order), the first max_genes of them, left-aligned: the
+    BERT backbone has absolute positions, so the order is the input. Ties (equal count / median, float64)
+    go to the lower vocab id: deterministic, where Geneformer's unstable `np.argsort` leaves them to numpy's
+    sort internals. No gene subsampling ever; with train=True values are still masked (a BERT backbone
+    ignores them).
     """
 
     n_bins: int = 51
@@ -104,6 +124,8 @@ class CellCollator:
     views: int = 1  # train only: each cell this many times (own genes and masks; `view_of` pairs them)
     view_keep: float = 1.0  # train only: share of a cell's expressed genes each view keeps (gene-subset views)
     view_thinning: float = 0.0  # train only: views after the first see counts × p, p ~ U(1 - this, 1) per cell
+    # Geneformer's rank-value order (ScFMConfig.gene_medians, by vocab id; 0 = not a model gene): see __call__
+    gene_medians: np.ndarray | None = None
 
     @property
     def encoding(self) -> ValueEncoding:
@@ -195,13 +217,26 @@ class CellCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if self.train and self.views > 1:
             return self._stacked_views(rows)
-        lengths = np.array([len(r["gene_ids"]) for r in rows], dtype=np.int64)
+        lengths = np.array([len(r["gene_ids"]) for r in rows], dtype=np.int64)  # may shrink: gene_medians
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         genes = np.concatenate([r["gene_ids"] for r in rows]).astype(np.int64)
         counts = np.concatenate([r["counts"] for r in rows]).astype(np.float32)
         cell_index = np.array([r["index"] for r in rows], dtype=np.int64)
         encoding = self.encoding
+        median = None
+        if self.gene_medians is not None:  # Geneformer: only genes with a median are tokens
+            if self.zero_fraction:
+                raise ValueError("gene_medians (Geneformer's order) reads expressed genes only: zero_fraction must be 0")
+            median = self.gene_medians[genes]
+            ok = (median > 0) & (counts > 0)
+            if not ok.all():
+                row_of = np.repeat(np.arange(len(rows)), lengths)
+                genes, counts, median = genes[ok], counts[ok], median[ok]
+                lengths = np.bincount(row_of[ok], minlength=len(rows)).astype(np.int64)
+                indptr = np.concatenate([[0], np.cumsum(lengths)])
         encoded = encoding.encode(indptr, counts)  # over the whole cell, before sampling
+        if median is not None:
+            encoded = (encoded / median).astype(encoded.dtype)
 
         zero_slots = int(round(self.zero_fraction * self.max_genes))
         n_zero = np.array([min(zero_slots, max(len(r.get("panel", ())) - n, 0)) if zero_slots else 0
@@ -212,7 +247,9 @@ class CellCollator:
 
         row = np.repeat(np.arange(len(rows)), lengths)
         position = np.arange(genes.size) - indptr[row]
-        if self.train and np.all(lengths <= budget):
+        if median is not None:  # Geneformer's order: count / median descending, ties by vocab id
+            _, rank = _rank_within_rows(row, genes, -(counts.astype(np.float64) / median))
+        elif self.train and np.all(lengths <= budget):
             rank = position  # every expressed gene fits: no sampling (token order is irrelevant)
         elif self.train:
             key = hashed_uniform(self.seed, self.epoch, cell_index[row], position, salt=1)

@@ -1,7 +1,7 @@
 """Cell classification head (annotation): ScFMForAnnotation.
 
 The pattern every head in fm/heads/ follows:
-- subclass ScFMPreTrainedModel, hold the backbone as `self.scfm = ScFMModel(config)` (base_model_prefix),
+- subclass ScFMPreTrainedModel, hold the backbone as `self.scfm = build_backbone(config)` (base_model_prefix; ScFMModel or an imported BERT),
   so `from_pretrained(<pretrained dir>, ...)` loads the backbone and creates only the head;
 - name head modules `*_head`: loading the bare backbone (AutoModel) from a head checkpoint drops
   their keys silently, and a pretraining checkpoint's heads (gep_head, mvc_head) are dropped when
@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
 from fm.heads import IGNORE_INDEX
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
 
 
 
@@ -74,7 +74,7 @@ class ScFMForAnnotation(ScFMPreTrainedModel):
 
     def __init__(self, config: ScFMConfig):
         super().__init__(config)
-        self.scfm = ScFMModel(config)
+        self.scfm = build_backbone(config)
         self.classifier_head = ScFMClassificationHead(config)
         self.post_init()
 

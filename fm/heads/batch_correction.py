@@ -39,7 +39,7 @@ from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
 from fm.heads import IGNORE_INDEX
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
 from fm.objectives import ScFMExpressionHead, ScFMMVCHead, masked_mse, prepare_masks
 
 
@@ -145,7 +145,7 @@ class ScFMForBatchCorrection(ScFMPreTrainedModel):
             raise ValueError(f"config.batch_key={config.batch_key!r} must be one of config.condition_keys "
                              f"{config.condition_keys} and config.num_batches >= 1 (got {config.num_batches}); "
                              "fine-tune with `fm finetune recipes/finetune/batch_correction.yaml`")
-        self.scfm = ScFMModel(config)
+        self.scfm = build_backbone(config)
         self.gep_head = ScFMExpressionHead(config)
         self.mvc_head = ScFMMVCHead(config) if config.mvc else None
         # row 0 (unknown batch) is the padding row: zero, never trained → no offset

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
 
 
 @dataclass
@@ -66,7 +66,7 @@ class ScFMForCCI(ScFMPreTrainedModel):
         if not config.niche_genes or config.num_labels < 1:
             raise ValueError("ScFMForCCI needs config.niche_genes (predicted genes) and id2label "
                              "(cell types); fine-tune one with `fm finetune recipes/finetune/cci.yaml`")
-        self.scfm = ScFMModel(config)
+        self.scfm = build_backbone(config)
         self.niche_head = ScFMNicheHead(config)
         self.post_init()
 

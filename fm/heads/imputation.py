@@ -21,7 +21,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
 from fm.objectives import masked_mse
 
 
@@ -66,7 +66,7 @@ class ScFMForImputation(ScFMPreTrainedModel):
 
     def __init__(self, config: ScFMConfig):
         super().__init__(config)
-        self.scfm = ScFMModel(config)
+        self.scfm = build_backbone(config)
         self.impute_head = ScFMImputationHead(config)
         self.post_init()
 

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMModel, ScFMPreTrainedModel
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
 from fm.objectives import prepare_masks
 
 
@@ -66,7 +66,7 @@ class ScFMForModalityPrediction(ScFMPreTrainedModel):
                              "fine-tune with `fm finetune recipes/finetune/modality_prediction.yaml`, or set "
                              "config.protein_names and pass config= to from_pretrained")
         super().__init__(config)
-        self.scfm = ScFMModel(config)
+        self.scfm = build_backbone(config)
         self.protein_head = ScFMProteinHead(config)
         self.post_init()
 
