@@ -25,6 +25,11 @@ def data_dir() -> Path:
     return (Path.cwd() / ".." / "shared" / "data").resolve()
 
 
+def fixtures_dir() -> Path:
+    """Reference checkpoints and outputs for the importers' tests: `fixtures` beside the data directory."""
+    return data_dir().parent / "fixtures"
+
+
 def h5ad_path(name: str) -> Path:
     """Path of a named file in the data directory's h5ad/ folder (may not exist)."""
     return data_dir() / "h5ad" / name

@@ -20,7 +20,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from fm.paths import DATA_DIR_ENV, data_dir
+from fm.paths import DATA_DIR_ENV, data_dir, fixtures_dir
 
 PBMC = "pbmc3k_seurat_hvg2000_labeled.h5ad"
 KANG = "kang2018_muscat_1556c_labeled.h5ad"
@@ -37,6 +37,14 @@ def real_file(name: str) -> Path:
     path = data_dir() / "h5ad" / name
     if not path.is_file():
         pytest.skip(f"real data file {path} not found (set {DATA_DIR_ENV} to the shared data directory)")
+    return path
+
+
+def fixture_path(name: str) -> Path:
+    """A directory or file of the shared fixtures (beside the data directory), or the test is skipped."""
+    path = fixtures_dir() / name
+    if not path.exists():
+        pytest.skip(f"fixture {path} not found (set {DATA_DIR_ENV}; fixtures live beside the data directory)")
     return path
 
 
