@@ -83,19 +83,23 @@ class ScFMBertModel(ScFMPreTrainedModel):
 
     def bert_inputs(self, gene_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         """(input_ids, attention_mask, gene_mask) of BERT: checkpoint token ids (B, T), 1 = real token, and the
-        positions of genes (excludes <cls>/<eos>). Genes must be left-aligned (the collator's layout)."""
+        positions of genes (excludes <cls>/<eos>). Genes must be left-aligned (the collator's layout). T is the
+        longest cell (+ <cls>/<eos>): the collator's padding to a multiple of 8 must not exceed BERT's positions."""
         if attention_mask is None:
             attention_mask = gene_ids != self.config.pad_token_id
         genes = attention_mask.bool()
         pad_row = self._row(self.config.pad_token_id)
         rows = torch.where(genes, self.gene_index[gene_ids], torch.full_like(gene_ids, pad_row))
-        if not self.config.add_cls_eos:
-            return rows, genes.long(), genes
-        B, L = rows.shape
+        B = rows.shape[0]
         lengths = genes.sum(1)
-        ids = torch.cat([rows.new_full((B, 1), self._row(self.config.cls_token_id)), rows, rows.new_full((B, 1), pad_row)], 1)
+        n = int(lengths.max()) if B else 0
+        if not self.config.add_cls_eos:
+            n = max(n, 1)
+            return rows[:, :n], genes[:, :n].long(), genes[:, :n]
+        ids = torch.cat([rows.new_full((B, 1), self._row(self.config.cls_token_id)), rows[:, :n],
+                         rows.new_full((B, 1), pad_row)], 1)
         ids[torch.arange(B, device=ids.device), lengths + 1] = self._row(self.config.eoc_token_id)
-        position = torch.arange(L + 2, device=ids.device)
+        position = torch.arange(n + 2, device=ids.device)
         mask = position[None, :] < (lengths + 2)[:, None]
         gene_mask = (position[None, :] >= 1) & (position[None, :] <= lengths[:, None])
         return ids, mask.long(), gene_mask
@@ -120,7 +124,9 @@ class ScFMBertModel(ScFMPreTrainedModel):
             w = gene_mask.unsqueeze(-1).to(hidden.dtype)
             cell = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
         last = out.last_hidden_state
-        genes = last[:, 1:gene_ids.shape[1] + 1] if self.config.add_cls_eos else last
+        genes = last[:, 1:-1] if self.config.add_cls_eos else last
+        L = gene_ids.shape[1]  # back to the input's width: one hidden state per gene_ids position (0 at padding)
+        genes = nn.functional.pad(genes, (0, 0, 0, L - genes.shape[1])) if genes.shape[1] < L else genes[:, :L]
         result = ScFMModelOutput(last_hidden_state=last, cell_embedding=cell, gene_hidden_states=genes)
         return result if return_dict else result.to_tuple()
 

@@ -181,3 +181,63 @@ def test_missing_and_unexpected_keys_are_named(gf_dir, tmp_path):
         load_geneformer(ckpt, dictionaries=gf_dir)
     assert "bert.encoder.layer.1.output.dense.weight" in str(err.value)
     assert "bert.encoder.layer.2.output.dense.weight" in str(err.value)
+
+
+# ------------------------------------------------------------------ V2 (<cls>/<eos>), built from the V1 fixture
+
+
+def _v2_checkpoint(gf_dir, out):
+    """The tiny fixture as a V2 checkpoint: <cls>, <eos> appended to the token dictionary and word embeddings."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    out.mkdir()
+    tokens = json.loads((gf_dir / "token_dictionary.json").read_text())
+    n = len(tokens)
+    tokens.update({"<cls>": n, "<eos>": n + 1})
+    (out / "token_dictionary.json").write_text(json.dumps(tokens))
+    shutil.copy(gf_dir / "gene_median_dictionary.json", out / "gene_median_dictionary.json")
+    state = load_file(gf_dir / "model" / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    word = state["bert.embeddings.word_embeddings.weight"]
+    state["bert.embeddings.word_embeddings.weight"] = torch.cat([word, torch.randn(2, word.shape[1], generator=g)])
+    state["cls.predictions.bias"] = torch.cat([state["cls.predictions.bias"], torch.zeros(2)])
+    config = BertConfig.from_pretrained(gf_dir / "model")
+    config.vocab_size = n + 2
+    model = BertForMaskedLM(config)
+    model.load_state_dict(state, strict=False)
+    model.save_pretrained(out / "model")
+    return out, tokens, model.eval()
+
+
+def test_v2_cls_eos_and_pooling(gf_dir, citeseq16, tmp_path):
+    import scipy.sparse as sp
+
+    from fm.binning import rank_value_encode
+
+    src, tokens, bert = _v2_checkpoint(gf_dir, tmp_path / "v2")
+    model, _, report = load_geneformer(src)
+    assert report["version"] == "V2" and model.config.add_cls_eos and model.config.pooling == "cls"
+    assert model.config.max_genes == 2046
+    # Geneformer V2's input, built independently: <cls> + rank-value tokens (2046 at most) + <eos>
+    medians = json.loads((src / "gene_median_dictionary.json").read_text())
+    ens = citeseq16.var["gene_ids"].astype(str).str.split(".").str[0]
+    x = sp.csr_matrix(citeseq16.X)
+    col_median = np.array([medians.get(e, np.nan) for e in ens])
+    col_token = np.array([tokens.get(e, -1) for e in ens])
+    indptr, cols = rank_value_encode(x.indptr, x.indices, x.data, np.asarray(x.sum(1)).ravel(), col_median, 2046)
+    cells = [[tokens["<cls>"], *col_token[cols[indptr[i]:indptr[i + 1]]], tokens["<eos>"]] for i in range(16)]
+    width = max(map(len, cells))
+    ids = torch.tensor([c + [0] * (width - len(c)) for c in cells])
+    mask = (torch.arange(width)[None] < torch.tensor([len(c) for c in cells])[:, None]).long()
+    with torch.no_grad():
+        hidden = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    genes = mask.clone()
+    genes[:, 0] = 0
+    genes[torch.arange(16), mask.sum(1) - 1] = 0
+    cls_ref = hidden[:, 0].numpy()
+    mean_ref = ((hidden * genes[..., None]).sum(1) / genes.sum(1, keepdim=True)).numpy()
+
+    model.cell_tokenizer.gene_key = "gene_ids"
+    np.testing.assert_allclose(fm.embed(citeseq16, model, batch_size=16), cls_ref, atol=TOL, rtol=0)
+    model.config.pooling = "mean"  # V2's emb_mode "cell": mean over genes, <cls>/<eos> excluded
+    np.testing.assert_allclose(fm.embed(citeseq16, model, batch_size=5), mean_ref, atol=TOL, rtol=0)
