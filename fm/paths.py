@@ -25,6 +25,13 @@ def data_dir() -> Path:
     return (Path.cwd() / ".." / "shared" / "data").resolve()
 
 
+def fixtures_dir() -> Path:
+    """The checkpoint fixtures (scGPT / Geneformer formats with reference outputs): $FM_FIXTURES_DIR, else
+    `fixtures/` beside the data directory (../shared/fixtures)."""
+    env = os.environ.get("FM_FIXTURES_DIR")
+    return Path(env).expanduser().resolve() if env else data_dir().parent / "fixtures"
+
+
 def h5ad_path(name: str) -> Path:
     """Path of a named file in the data directory's h5ad/ folder (may not exist)."""
     return data_dir() / "h5ad" / name

@@ -1,0 +1,219 @@
+"""scGPT checkpoints (`args.json` + `vocab.json` + `best_model.pt`, as released: whole-human, blood, brain …)
+as configurations of our own model, and back.
+
+scGPT's `TransformerModel` is, in scfm terms: Post-LN blocks with ReLU (`norm_first=False`, `activation="relu"`),
+a LayerNorm on the gene embedding (`gene_norm`), no LayerNorm on the summed embedding (`embedding_norm=False`),
+`<cls>` a gene token carrying the pad value (`cls_value`), and for `input_emb_style: continuous` (the released
+models) an MLP of the bin number, every value through it, clamped at 512 (`value_encoding="bin_values"`,
+`learned_value_sentinels=False`, `value_max=512`). Its ExprDecoder is `expression_decoder="scgpt"`, its
+inner-product MVC decoder is ours. The key map below is the whole difference; no scGPT code is used.
+
+Tokenisation differences that remain (documented, not bugs): scGPT breaks bin ties (a value equal to a quantile
+edge, most entries of a count cell) at random with numpy's global RNG; we take the lower median of its possible
+draws (fm/binning.py), so a value may differ by the draw but always lies in scGPT's set. A cell with more genes
+than max_seq_len - 1 keeps scGPT's random subset there, its most expressed genes here. Token order inside a cell
+does not change outputs (no positional embedding), up to float rounding in the attention sums.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fm.configuration_scfm import ScFMConfig
+from fm.convert.common import (CheckpointFormatError, check_keys, map_gene_names, read_json, read_state_dict,
+                               token_names, write_report)
+from fm.tokenizer import CellTokenizer
+
+log = logging.getLogger("fm")
+
+ARGS_FILE, VOCAB_FILE, WEIGHTS_FILE = "args.json", "vocab.json", "best_model.pt"
+SOURCE_ARGS_FILE = "scgpt_args.json"  # the original args.json, kept in an export for the way back
+VALUE_MAX = 512.0  # scGPT's ContinuousValueEncoder max_value
+
+_LAYER = r"transformer_encoder\.layers\.(\d+)\."
+# scGPT key (regex) → scfm key of ScFMForMaskedExpression (format string over the regex groups)
+KEY_MAP = [
+    (r"encoder\.embedding\.weight", "scfm.embeddings.gene.weight"),
+    (r"encoder\.enc_norm\.(weight|bias)", "scfm.embeddings.gene_norm.{0}"),
+    (r"value_encoder\.linear1\.(weight|bias)", "scfm.embeddings.value.fc1.{0}"),
+    (r"value_encoder\.linear2\.(weight|bias)", "scfm.embeddings.value.fc2.{0}"),
+    (r"value_encoder\.norm\.(weight|bias)", "scfm.embeddings.value.norm.{0}"),
+    (_LAYER + r"self_attn\.Wqkv\.(weight|bias)", "scfm.layers.{0}.attn.qkv.{1}"),  # flash-attention names
+    (_LAYER + r"self_attn\.in_proj_(weight|bias)", "scfm.layers.{0}.attn.qkv.{1}"),  # nn.MultiheadAttention
+    (_LAYER + r"self_attn\.out_proj\.(weight|bias)", "scfm.layers.{0}.attn.out.{1}"),
+    (_LAYER + r"linear1\.(weight|bias)", "scfm.layers.{0}.mlp.fc.{1}"),
+    (_LAYER + r"linear2\.(weight|bias)", "scfm.layers.{0}.mlp.proj.{1}"),
+    (_LAYER + r"norm1\.(weight|bias)", "scfm.layers.{0}.ln1.{1}"),
+    (_LAYER + r"norm2\.(weight|bias)", "scfm.layers.{0}.ln2.{1}"),
+    (r"decoder\.fc\.(0|2|4)\.(weight|bias)", "gep_head.{0}.{1}"),
+    (r"mvc_decoder\.gene2query\.(weight|bias)", "mvc_head.query.{0}"),
+    (r"mvc_decoder\.W\.weight", "mvc_head.W.weight"),
+]
+_COMPILED = [(re.compile(f"^{pattern}$"), target) for pattern, target in KEY_MAP]
+# the classification decoder of a pretrained checkpoint (n_cls = 1: a placeholder, never trained) is not imported
+DROPPED = re.compile(r"^cls_decoder\.")
+_UNSUPPORTED_ARGS = {  # args.json settings that change the architecture in ways scfm does not represent
+    "use_batch_labels": "batch-label embeddings", "DSBN": "domain-specific batch norm",
+    "domain_spec_batchnorm": "domain-specific batch norm", "explicit_zero_prob": "zero-probability decoders",
+}
+
+
+def is_scgpt_dir(path: Path) -> bool:
+    """Any of scGPT's three files, and no scfm config.json: a scGPT directory (an incomplete one then gets an error
+    naming the missing file rather than 'no config.json')."""
+    path = Path(path)
+    return (path.is_dir() and not (path / "config.json").is_file()
+            and any((path / name).is_file() for name in (ARGS_FILE, VOCAB_FILE, WEIGHTS_FILE)))
+
+
+def scgpt_config(args: dict, mapping, source: Path) -> ScFMConfig:
+    """The ScFMConfig that is scGPT's architecture with these args.json settings."""
+    for key, what in _UNSUPPORTED_ARGS.items():
+        if args.get(key):
+            raise CheckpointFormatError(f"{source / ARGS_FILE}: {key}={args[key]!r} ({what}) is not importable yet")
+    style = args.get("input_emb_style", "continuous")
+    if style != "continuous":
+        raise CheckpointFormatError(f"{source / ARGS_FILE}: input_emb_style {style!r} is not importable yet "
+                                    "(the released scGPT models use 'continuous')")
+    if float(args.get("pad_value", -2)) != -2 or float(args.get("mask_value", -1)) != -1:
+        raise CheckpointFormatError(f"{source / ARGS_FILE}: pad_value/mask_value must be -2/-1 for continuous inputs, "
+                                    f"got {args.get('pad_value')}/{args.get('mask_value')}")
+    try:
+        d_model, n_heads = int(args["embsize"]), int(args.get("nheads", args.get("nhead")))
+        n_layers, d_ff = int(args["nlayers"]), int(args["d_hid"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointFormatError(f"{source / ARGS_FILE}: lacks the architecture setting {err} "
+                                    "(embsize, nheads, nlayers, d_hid)") from err
+    table = [int(i) for i in mapping.ids]
+    return ScFMConfig(
+        vocab_size=mapping.vocab_size, gene_table=table, n_bins=int(args.get("n_bins", 51)),
+        value_encoding="bin_values", d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff,
+        dropout=float(args.get("dropout", 0.2)), max_genes=int(args.get("max_seq_len", 1201)) - 1, pooling="cls",
+        mvc=True, norm_first=bool(args.get("pre_norm", False)), activation="relu", gene_norm=True,
+        embedding_norm=False, cls_value=True, learned_value_sentinels=False, value_max=VALUE_MAX,
+        expression_decoder="scgpt", architectures=["ScFMForMaskedExpression"])
+
+
+def scgpt_state_dict(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """scGPT keys → scfm keys; any key outside the map (other than the placeholder classifier) is an error."""
+    out, unknown = {}, []
+    for key, tensor in state.items():
+        for pattern, target in _COMPILED:
+            m = pattern.match(key)
+            if m:
+                out[target.format(*m.groups())] = tensor.float().contiguous()
+                break
+        else:
+            if not DROPPED.match(key):
+                unknown.append(key)
+    if unknown:
+        raise CheckpointFormatError(f"{source}: unexpected keys {unknown[:8]} ({len(unknown)}) — a scGPT variant "
+                                    "scfm does not import")
+    return out
+
+
+def load_scgpt(src: str | Path):
+    """(model, tokenizer, report) from a scGPT checkpoint directory, in memory: the ScFMForMaskedExpression that
+    computes what scGPT's TransformerModel computes, in eval mode."""
+    from fm.modeling_scfm import ScFMForMaskedExpression
+
+    src = Path(src)
+    args = read_json(src / ARGS_FILE, "scGPT's model settings (embsize, nlayers, nheads, d_hid …)")
+    vocab = read_json(src / VOCAB_FILE, "scGPT's gene vocabulary (token → index)")
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise CheckpointFormatError(f"{src / VOCAB_FILE}: expected a JSON object token → integer index")
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if sorted(vocab.values()) != list(range(len(tokens))):
+        raise CheckpointFormatError(f"{src / VOCAB_FILE}: indices are not 0..{len(tokens) - 1}")
+    for special in ("<pad>", "<cls>"):
+        if special not in vocab:
+            raise CheckpointFormatError(f"{src / VOCAB_FILE}: no {special} token")
+    state = read_state_dict(src / WEIGHTS_FILE)
+    emb = state.get("encoder.embedding.weight")
+    if emb is not None and emb.shape[0] != len(tokens):
+        raise CheckpointFormatError(f"{src}: {WEIGHTS_FILE} has {emb.shape[0]} gene rows, {VOCAB_FILE} "
+                                    f"{len(tokens)} tokens — the files belong to different models")
+    mapping = map_gene_names(tokens)
+    config = scgpt_config(args, mapping, src)
+    weights = scgpt_state_dict(state, src)
+    model = ScFMForMaskedExpression(config)
+    check_keys(weights, set(model.state_dict()), src / WEIGHTS_FILE)
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    n_genes = sum(1 for t in tokens if not (t.startswith("<") and t.endswith(">")))
+    tokenizer = CellTokenizer(n_bins=config.n_bins, gene_table=config.gene_table, model_genes=mapping.model_genes)
+    report = {"format": "scgpt", "source": str(src.resolve()), "n_genes": n_genes,
+              "n_mapped": n_genes - len(mapping.unmapped) - len(mapping.shared),
+              "unmapped": mapping.unmapped, "shared": mapping.shared, "summary": mapping.summary(n_genes),
+              "dropped_keys": sorted(k for k in state if DROPPED.match(k)), "args": args}
+    log.info("scGPT %s: %s", src, mapping.summary(n_genes))
+    return model, tokenizer, report
+
+
+def convert_scgpt(src: str | Path, out: str | Path) -> Path:
+    """`fm convert scgpt SRC OUT`: a normal scfm export of the scGPT checkpoint at SRC."""
+    model, tokenizer, report = load_scgpt(src)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / SOURCE_ARGS_FILE).write_text(json.dumps(report.pop("args"), indent=1))
+    write_report(out, report)
+    return out
+
+
+# ------------------------------------------------------------------------------------ scfm → scGPT
+_REQUIRED = dict(norm_first=False, activation="relu", gene_norm=True, embedding_norm=False, cls_value=True,
+                 learned_value_sentinels=False, value_encoding="bin_values", expression_decoder="scgpt", mvc=True)
+
+
+def export_scgpt(model_dir: str | Path, out: str | Path) -> Path:
+    """`fm convert --to scgpt MODEL OUT`: an scfm model with scGPT's architecture settings as scGPT's files
+    (args.json, vocab.json, best_model.pt: a plain state dict with the flash-attention `Wqkv` names)."""
+    from safetensors.torch import load_file
+
+    model_dir, out = Path(model_dir), Path(out)
+    config = ScFMConfig.from_pretrained(model_dir)
+    wrong = {k: getattr(config, k) for k, v in _REQUIRED.items() if getattr(config, k) != v}
+    if wrong or config.condition_keys or config.gene_table is None:
+        raise ValueError(f"{model_dir}: not scGPT's architecture ({wrong or 'condition tokens or a full gene table'}); "
+                         f"export to scGPT needs {_REQUIRED}, a compact gene table and no condition tokens")
+    ours = load_file(model_dir / "model.safetensors")
+    reverse = [(re.compile("^" + r"([^.]+)".join(map(re.escape, re.split(r"\{\d\}", t))) + "$"), p) for p, t in KEY_MAP]
+    state = {}
+    for key, tensor in ours.items():
+        for pattern, source in reverse:
+            m = pattern.match(key)
+            if m:
+                state[_fill(source, m.groups())] = tensor.clone()
+                break
+    tokenizer = CellTokenizer.from_pretrained(model_dir)
+    names = token_names(config.gene_table, tokenizer.model_genes)
+    args_path = model_dir / SOURCE_ARGS_FILE
+    args = json.loads(args_path.read_text()) if args_path.is_file() else {}
+    args.update(embsize=config.d_model, nheads=config.n_heads, d_hid=config.d_ff, nlayers=config.n_layers,
+                dropout=config.dropout, pad_token="<pad>", pad_value=-2, mask_value=-1,
+                input_emb_style="continuous", n_bins=config.n_bins, max_seq_len=config.max_genes + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ARGS_FILE).write_text(json.dumps(args, indent=1))
+    (out / VOCAB_FILE).write_text(json.dumps({name: i for i, name in enumerate(names)}))
+    torch.save(state, out / WEIGHTS_FILE)
+    return out
+
+
+def _fill(pattern: str, groups: tuple[str, ...]) -> str:
+    """The scGPT key of a KEY_MAP pattern with its capture groups filled in (alternations resolved)."""
+    it = iter(groups)
+    key = re.sub(r"\((?:[^()]*)\)", lambda _: next(it), pattern)
+    key = key.replace("\\.", ".")
+    if key.startswith("transformer_encoder") and "in_proj_" in key:
+        key = key.replace("in_proj_", "Wqkv.")
+    return key
+
+
+__all__ = ["convert_scgpt", "export_scgpt", "is_scgpt_dir", "load_scgpt", "scgpt_config", "scgpt_state_dict"]
