@@ -63,6 +63,7 @@ class ScFMConfig(PretrainedConfig):
         cls_value: bool = False,  # <cls> also gets the value embedding of the pad value (scGPT's <cls> carries -2)
         learned_value_sentinels: bool = True,  # continuous values: mask/pad get learned vectors (False: the MLP, scGPT)
         value_max: float | None = None,  # continuous values: clamp at this maximum before the MLP (scGPT: 512)
+        embedding_l2: bool = False,  # fm.embed returns L2-normalised cell embeddings (scGPT's embed_data does)
         expression_decoder: str = "gelu",  # GEP head: "gelu" (Linear-GELU-Linear) | "scgpt" (2 LeakyReLU layers)
         initializer_range: float = 0.02,  # std of the normal init, BERT/GPT-2's
         pad_token_id: int = 0,  # gene-vocab ids of the special tokens, fixed by the tokenizer
@@ -73,6 +74,8 @@ class ScFMConfig(PretrainedConfig):
         # num_labels / id2label / label2id (annotation, cci).
         label_key: str | None = None,  # annotation, cci: obs column the class names were read from
         classifier_dropout: float | None = None,  # annotation: head dropout; None = `dropout`, as BERT
+        classifier: str = "mlp",  # annotation: head shape, "mlp" (ours) | "scgpt" (scGPT's ClsDecoder, imported models)
+        classifier_layers: int = 3,  # annotation, classifier="scgpt": scGPT's n_layers_cls (Linear-ReLU-LayerNorm × n-1, out)
         unknown_threshold: float = 0.0,  # annotation: fm.annotate says "unknown" below this top probability
         target_scale: str = "log1p",  # imputation: scale fm.impute writes by default (log1p | normalized)
         target_sum: float = 1e4,  # imputation: counts per cell of the normalisation the head predicts in
@@ -125,11 +128,14 @@ class ScFMConfig(PretrainedConfig):
         self.learned_value_sentinels = bool(learned_value_sentinels)
         self.value_max = None if value_max is None else float(value_max)
         self.expression_decoder = str(expression_decoder)
+        self.embedding_l2 = bool(embedding_l2)
         self.initializer_range = float(initializer_range)
         self.cls_token_id = int(cls_token_id)
         self.mask_token_id = int(mask_token_id)
         self.label_key = label_key
         self.classifier_dropout = classifier_dropout
+        self.classifier = str(classifier)
+        self.classifier_layers = int(classifier_layers)
         self.unknown_threshold = float(unknown_threshold)
         self.target_scale = target_scale
         self.target_sum = float(target_sum)
@@ -189,6 +195,8 @@ class ScFMConfig(PretrainedConfig):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.expression_decoder not in EXPRESSION_DECODERS:
             raise ValueError(f"expression_decoder must be one of {EXPRESSION_DECODERS}, got {self.expression_decoder!r}")
+        if self.classifier not in ("mlp", "scgpt"):
+            raise ValueError(f"classifier must be 'mlp' or 'scgpt', got {self.classifier!r}")
         if self.target_scale not in ("log1p", "normalized"):
             raise ValueError(f"target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
         if self.adversary not in ("confusion", "reversal"):

@@ -121,9 +121,11 @@ def test_reference_outputs_from_h5ad(model, reference):
         order = [pos[g] for g in batch["gene_ids"][i].numpy()[real]]
         assert np.abs(out.expression[i].numpy()[real] - reference["mlm_output"][i, 1:][keep][order]).max() <= TOL
         assert np.abs(out.mvc_expression[i].numpy()[real] - reference["mvc_output"][i, 1:][keep][order]).max() <= TOL
-    # with our deterministic tie rule instead: the embedding fm.embed gives (recorded, not exact)
+    # with our deterministic tie rule instead: what fm.embed gives (L2-normalised, as scGPT's embed_data; recorded)
     emb = fm.embed(adata, model)
-    print("fm.embed from h5ad (our tie rule) vs scGPT reference: max abs", np.abs(emb - reference["cls_hidden"]).max())
+    print("fm.embed from h5ad (our tie rule) vs scGPT's embed_data: max abs",
+          np.abs(emb - reference["cell_embedding_l2"]).max())
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
 def test_embed_is_deterministic(model):
@@ -136,8 +138,9 @@ def test_embed_is_deterministic(model):
 
 
 def test_export_and_round_trip(scgpt_dir, reference, tmp_path):
-    """fm convert → an scfm export that fm.load and AutoModel read; --to scgpt → scGPT's files, the same tensors
-    under the same keys (the untrained placeholder classifier aside), the same vocab.json; back again: exact."""
+    """fm convert → an scfm export that fm.load and AutoModel read; --to scgpt → scGPT's files: the same tensors
+    under the same keys (the untrained placeholder classifier kept beside the export), the same vocab.json;
+    back again: exact."""
     from transformers import AutoModel
 
     out = convert_scgpt(scgpt_dir, tmp_path / "scfm")
@@ -151,7 +154,7 @@ def test_export_and_round_trip(scgpt_dir, reference, tmp_path):
     back = export_scgpt(out, tmp_path / "scgpt")
     original = torch.load(scgpt_dir / "best_model.pt", weights_only=True)
     exported = torch.load(back / "best_model.pt", weights_only=True)
-    assert set(exported) == {k for k in original if not k.startswith("cls_decoder.")}
+    assert set(exported) == set(original)
     assert all(torch.equal(exported[k], original[k]) for k in exported)
     assert json.loads((back / "vocab.json").read_text()) == json.loads((scgpt_dir / "vocab.json").read_text())
     again, _, _ = load_scgpt(back)
@@ -219,3 +222,70 @@ def test_missing_and_unexpected_keys_are_named(scgpt_dir, tmp_path):
     torch.save(state, bad / "best_model.pt")
     with pytest.raises(CheckpointFormatError, match=r"missing keys \['scfm.embeddings.value.fc2.weight'\]"):
         fm.load(bad)
+
+
+def _cls_decoder_reference(state: dict, cell: torch.Tensor) -> torch.Tensor:
+    """scGPT's ClsDecoder written out from its description: (Linear → ReLU → LayerNorm) × n, then out_layer."""
+    x = cell
+    i = 0
+    while f"cls_decoder._decoder.{i}.weight" in state:
+        x = torch.relu(torch.nn.functional.linear(x, state[f"cls_decoder._decoder.{i}.weight"],
+                                                  state[f"cls_decoder._decoder.{i}.bias"]))
+        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), state[f"cls_decoder._decoder.{i + 2}.weight"],
+                                           state[f"cls_decoder._decoder.{i + 2}.bias"], eps=1e-5)
+        i += 3
+    return torch.nn.functional.linear(x, state["cls_decoder.out_layer.weight"], state["cls_decoder.out_layer.bias"])
+
+
+def test_trained_classifier_and_pytorch_attention_names(scgpt_dir, reference, tmp_path):
+    """A fine-tuned scGPT classifier (n_cls > 1) becomes ScFMForAnnotation with scGPT's decoder shape, and
+    nn.MultiheadAttention's in_proj_weight names load like the flash-attention Wqkv ones."""
+    ckpt = _copy(scgpt_dir, tmp_path / "ckpt")
+    state = torch.load(scgpt_dir / "best_model.pt", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    state["cls_decoder.out_layer.weight"] = torch.randn(5, state["cls_decoder.out_layer.weight"].shape[1], generator=g)
+    state["cls_decoder.out_layer.bias"] = torch.randn(5, generator=g)
+    for key in [k for k in state if ".self_attn.Wqkv." in k]:
+        state[key.replace("self_attn.Wqkv.", "self_attn.in_proj_")] = state.pop(key)
+    torch.save(state, ckpt / "best_model.pt")
+    clf = fm.load(ckpt)
+    assert type(clf).__name__ == "ScFMForAnnotation" and clf.config.num_labels == 5
+    table = np.asarray(clf.config.gene_table)
+    with torch.no_grad():
+        out = clf(gene_ids=torch.from_numpy(table[reference["gene_ids"][:, 1:]]),
+                  values=torch.from_numpy(reference["values"][:, 1:]),
+                  attention_mask=torch.from_numpy(~reference["padding_mask"][:, 1:]))
+    assert np.abs(out.cell_embedding.numpy() - reference["cls_hidden"]).max() <= TOL
+    expected = _cls_decoder_reference(state, torch.from_numpy(reference["cls_hidden"]))
+    assert (out.logits - expected).abs().max() <= TOL
+    adata = ad.read_h5ad(real_file(PBMC))[:30].copy()
+    fm.annotate(adata, clf)
+    assert adata.obs["fm_cell_type"].isin([f"class_{i}" for i in range(5)] + ["unknown"]).all()
+
+
+def test_command_line_on_a_converted_checkpoint(scgpt_dir, tmp_path, capsys):
+    """The commands a user runs on a released checkpoint: fm convert, fm embed, fm finetune (a few steps),
+    fm eval with --model (zero-shot and fine-tuned rows, with their random-init controls)."""
+    import pandas as pd
+
+    from fm.cli import main
+    from fm.paths import data_dir, recipe_path
+
+    pbmc = real_file(PBMC)
+    out = tmp_path / "scgpt_scfm"
+    assert main(["convert", "scgpt", str(scgpt_dir), str(out)]) == 0
+    assert "1792/2000 checkpoint genes" in capsys.readouterr().out
+    assert main(["embed", "--model", str(out), "--input", str(pbmc), "--output", str(tmp_path / "emb.h5ad")]) == 0
+    assert ad.read_h5ad(tmp_path / "emb.h5ad").obsm["X_fm"].shape == (2638, 32)
+    assert main(["finetune", str(recipe_path("recipes/finetune/annotation.yaml")), f"model.init_from={out}",
+                 f"train.output_dir={tmp_path / 'annot'}", "train.max_steps=4", "train.epochs=null",
+                 "train.eval_every=2", "train.save_every=0", f"data.paths=[{pbmc}]"]) == 0
+    clf = fm.load(tmp_path / "annot" / "model")
+    assert type(clf).__name__ == "ScFMForAnnotation" and clf.config.cls_value and not clf.config.norm_first
+    assert main(["eval", "eval/annotation.yaml", "--profile", "ci", "--model", str(out), "--output",
+                 str(tmp_path / "eval"), "--methods", "knn_pca", "fm_knn", "fm_finetune", "--datasets", "pbmc3k"]) == 0
+    rows = pd.read_csv(tmp_path / "eval" / "results.csv")
+    methods = set(rows["method"])
+    assert {f"fm_knn[{out.name}]", f"fm_finetune[{out.name}]", f"fm_knn[{out.name}:random_init]",
+            f"fm_finetune[{out.name}:scratch]"} <= methods, methods
+    assert data_dir().is_dir()

@@ -54,7 +54,12 @@ KEY_MAP = [
     (r"mvc_decoder\.gene2query\.(weight|bias)", "mvc_head.query.{0}"),
     (r"mvc_decoder\.W\.weight", "mvc_head.W.weight"),
 ]
-_COMPILED = [(re.compile(f"^{pattern}$"), target) for pattern, target in KEY_MAP]
+# scGPT's classification decoder, imported when it was trained (n_cls > 1) as ScFMForAnnotation's scGPT-shaped head
+CLASSIFIER_MAP = [
+    (r"cls_decoder\._decoder\.(\d+)\.(weight|bias)", "classifier_head.layers.{0}.{1}"),
+    (r"cls_decoder\.out_layer\.(weight|bias)", "classifier_head.out.{0}"),
+]
+EXTRA_FILE = "scgpt_extra.safetensors"  # tensors scfm does not use (the placeholder classifier), for the way back
 # the classification decoder of a pretrained checkpoint (n_cls = 1: a placeholder, never trained) is not imported
 DROPPED = re.compile(r"^cls_decoder\.")
 _UNSUPPORTED_ARGS = {  # args.json settings that change the architecture in ways scfm does not represent
@@ -71,7 +76,13 @@ def is_scgpt_dir(path: Path) -> bool:
             and any((path / name).is_file() for name in (ARGS_FILE, VOCAB_FILE, WEIGHTS_FILE)))
 
 
-def scgpt_config(args: dict, mapping, source: Path) -> ScFMConfig:
+def n_classes(state: dict) -> int:
+    """Classes of the checkpoint's classification decoder (1: scGPT's untrained placeholder, or none)."""
+    out = state.get("cls_decoder.out_layer.weight")
+    return 1 if out is None else int(out.shape[0])
+
+
+def scgpt_config(args: dict, mapping, source: Path, state: dict | None = None) -> ScFMConfig:
     """The ScFMConfig that is scGPT's architecture with these args.json settings."""
     for key, what in _UNSUPPORTED_ARGS.items():
         if args.get(key):
@@ -90,20 +101,34 @@ def scgpt_config(args: dict, mapping, source: Path) -> ScFMConfig:
         raise CheckpointFormatError(f"{source / ARGS_FILE}: lacks the architecture setting {err} "
                                     "(embsize, nheads, nlayers, d_hid)") from err
     table = [int(i) for i in mapping.ids]
+    classes = n_classes(state or {})
+    head = {}
+    if classes > 1:  # a fine-tuned classifier: scGPT does not store class names; args.json's id2type if present
+        names = args.get("id2type") or {}
+        id2label = {i: str(names.get(str(i), names.get(i, f"class_{i}"))) for i in range(classes)}
+        blocks = {int(k.split(".")[2]) for k in state if k.startswith("cls_decoder._decoder.")}
+        head = dict(architectures=["ScFMForAnnotation"], num_labels=classes, id2label=id2label,
+                    label2id={v: k for k, v in id2label.items()}, classifier="scgpt",
+                    classifier_layers=(max(blocks) // 3 + 2) if blocks else 1)
     return ScFMConfig(
         vocab_size=mapping.vocab_size, gene_table=table, n_bins=int(args.get("n_bins", 51)),
         value_encoding="bin_values", d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff,
         dropout=float(args.get("dropout", 0.2)), max_genes=int(args.get("max_seq_len", 1201)) - 1, pooling="cls",
         mvc=True, norm_first=bool(args.get("pre_norm", False)), activation="relu", gene_norm=True,
         embedding_norm=False, cls_value=True, learned_value_sentinels=False, value_max=VALUE_MAX,
-        expression_decoder="scgpt", architectures=["ScFMForMaskedExpression"])
+        expression_decoder="scgpt", embedding_l2=True, **({"architectures": ["ScFMForMaskedExpression"]} | head))
+
+
+def _compiled(classifier: bool):
+    return [(re.compile(f"^{p}$"), t) for p, t in KEY_MAP + (CLASSIFIER_MAP if classifier else [])]
 
 
 def scgpt_state_dict(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """scGPT keys → scfm keys; any key outside the map (other than the placeholder classifier) is an error."""
     out, unknown = {}, []
+    compiled = _compiled(n_classes(state) > 1)
     for key, tensor in state.items():
-        for pattern, target in _COMPILED:
+        for pattern, target in compiled:
             m = pattern.match(key)
             if m:
                 out[target.format(*m.groups())] = tensor.float().contiguous()
@@ -139,10 +164,18 @@ def load_scgpt(src: str | Path):
         raise CheckpointFormatError(f"{src}: {WEIGHTS_FILE} has {emb.shape[0]} gene rows, {VOCAB_FILE} "
                                     f"{len(tokens)} tokens — the files belong to different models")
     mapping = map_gene_names(tokens)
-    config = scgpt_config(args, mapping, src)
+    config = scgpt_config(args, mapping, src, state)
     weights = scgpt_state_dict(state, src)
-    model = ScFMForMaskedExpression(config)
-    check_keys(weights, set(model.state_dict()), src / WEIGHTS_FILE)
+    if config.architectures[0] == "ScFMForAnnotation":
+        from fm.heads.annotation import ScFMForAnnotation
+
+        model = ScFMForAnnotation(config)
+        # a fine-tuned classifier: the pretraining decoders have no place in the annotation model
+        dropped = sorted(k for k in weights if k.startswith(("gep_head.", "mvc_head.")))
+        weights = {k: v for k, v in weights.items() if k not in dropped}
+    else:
+        model = ScFMForMaskedExpression(config)
+    check_keys(weights, {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}, src / WEIGHTS_FILE)
     model.load_state_dict(weights, strict=True)
     model.eval()
     n_genes = sum(1 for t in tokens if not (t.startswith("<") and t.endswith(">")))
@@ -150,7 +183,9 @@ def load_scgpt(src: str | Path):
     report = {"format": "scgpt", "source": str(src.resolve()), "n_genes": n_genes,
               "n_mapped": n_genes - len(mapping.unmapped) - len(mapping.shared),
               "unmapped": mapping.unmapped, "shared": mapping.shared, "summary": mapping.summary(n_genes),
-              "dropped_keys": sorted(k for k in state if DROPPED.match(k)), "args": args}
+              "architecture": config.architectures[0],
+              "dropped_keys": sorted(k for k in state if DROPPED.match(k) and n_classes(state) == 1), "args": args,
+              "extra": {k: state[k] for k in state if DROPPED.match(k) and n_classes(state) == 1}}
     log.info("scGPT %s: %s", src, mapping.summary(n_genes))
     return model, tokenizer, report
 
@@ -163,6 +198,11 @@ def convert_scgpt(src: str | Path, out: str | Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / SOURCE_ARGS_FILE).write_text(json.dumps(report.pop("args"), indent=1))
+    extra = report.pop("extra")
+    if extra:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in extra.items()}, out / EXTRA_FILE)
     write_report(out, report)
     return out
 
@@ -184,8 +224,9 @@ def export_scgpt(model_dir: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{model_dir}: not scGPT's architecture ({wrong or 'condition tokens or a full gene table'}); "
                          f"export to scGPT needs {_REQUIRED}, a compact gene table and no condition tokens")
     ours = load_file(model_dir / "model.safetensors")
-    reverse = [(re.compile("^" + r"([^.]+)".join(map(re.escape, re.split(r"\{\d\}", t))) + "$"), p) for p, t in KEY_MAP]
-    state = {}
+    reverse = [(re.compile("^" + r"([^.]+)".join(map(re.escape, re.split(r"\{\d\}", t))) + "$"), p)
+               for p, t in KEY_MAP + CLASSIFIER_MAP]
+    state = load_file(model_dir / EXTRA_FILE) if (model_dir / EXTRA_FILE).is_file() else {}
     for key, tensor in ours.items():
         for pattern, source in reverse:
             m = pattern.match(key)
