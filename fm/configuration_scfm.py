@@ -62,6 +62,8 @@ class ScFMConfig(PretrainedConfig):
         embedding_norm: bool = True,  # LayerNorm on the summed token embedding (scGPT has none)
         cls_value: bool = False,  # <cls> also gets the value embedding of the pad value (scGPT's <cls> carries -2)
         learned_value_sentinels: bool = True,  # continuous values: mask/pad get learned vectors (False: the MLP, scGPT)
+        value_norm: bool = False,  # discrete values: LayerNorm on the value embedding (scGPT's category encoder)
+        value_combine: str = "sum",  # token = gene + value embedding ("sum") or gene × value number ("scale", scGPT)
         value_max: float | None = None,  # continuous values: clamp at this maximum before the MLP (scGPT: 512)
         embedding_l2: bool = False,  # fm.embed returns L2-normalised cell embeddings (scGPT's embed_data does)
         expression_decoder: str = "gelu",  # GEP head: "gelu" (Linear-GELU-Linear) | "scgpt" (2 LeakyReLU layers)
@@ -127,6 +129,8 @@ class ScFMConfig(PretrainedConfig):
         self.cls_value = bool(cls_value)
         self.learned_value_sentinels = bool(learned_value_sentinels)
         self.value_max = None if value_max is None else float(value_max)
+        self.value_norm = bool(value_norm)
+        self.value_combine = str(value_combine)
         self.expression_decoder = str(expression_decoder)
         self.embedding_l2 = bool(embedding_l2)
         self.initializer_range = float(initializer_range)
@@ -195,6 +199,11 @@ class ScFMConfig(PretrainedConfig):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.expression_decoder not in EXPRESSION_DECODERS:
             raise ValueError(f"expression_decoder must be one of {EXPRESSION_DECODERS}, got {self.expression_decoder!r}")
+        if self.value_combine not in ("sum", "scale"):
+            raise ValueError(f"value_combine must be 'sum' or 'scale', got {self.value_combine!r}")
+        if self.value_combine == "scale" and self.encoding.discrete:
+            raise ValueError("value_combine='scale' multiplies gene vectors by value numbers: it needs a continuous "
+                             f"value_encoding, not {self.value_encoding!r}")
         if self.classifier not in ("mlp", "scgpt"):
             raise ValueError(f"classifier must be 'mlp' or 'scgpt', got {self.classifier!r}")
         if self.target_scale not in ("log1p", "normalized"):

@@ -289,3 +289,77 @@ def test_command_line_on_a_converted_checkpoint(scgpt_dir, tmp_path, capsys):
     assert {f"fm_knn[{out.name}]", f"fm_finetune[{out.name}]", f"fm_knn[{out.name}:random_init]",
             f"fm_finetune[{out.name}:scratch]"} <= methods, methods
     assert data_dir().is_dir()
+
+
+def _scgpt_forward(state: dict, args: dict, gene_ids: np.ndarray, values: np.ndarray, padding: np.ndarray) -> torch.Tensor:
+    """scGPT's TransformerModel encoder as its README and args describe it, built from PyTorch's own modules
+    (nn.TransformerEncoderLayer: Post-LN, ReLU): an implementation independent of scfm's blocks, checked
+    against the fixture's references below before it serves as the reference for the other value styles."""
+    F = torch.nn.functional
+    d, style = args["embsize"], args.get("input_emb_style", "continuous")
+    ids, vals = torch.from_numpy(gene_ids), torch.from_numpy(values).float()
+    src = F.layer_norm(F.embedding(ids, state["encoder.embedding.weight"]), (d,),
+                       state["encoder.enc_norm.weight"], state["encoder.enc_norm.bias"])
+    if style == "continuous":
+        h = F.relu(F.linear(vals.clamp(max=512).unsqueeze(-1), state["value_encoder.linear1.weight"],
+                            state["value_encoder.linear1.bias"]))
+        h = F.linear(h, state["value_encoder.linear2.weight"], state["value_encoder.linear2.bias"])
+        x = src + F.layer_norm(h, (d,), state["value_encoder.norm.weight"], state["value_encoder.norm.bias"])
+    elif style == "category":
+        h = F.embedding(vals.long(), state["value_encoder.embedding.weight"])
+        x = src + F.layer_norm(h, (d,), state["value_encoder.enc_norm.weight"], state["value_encoder.enc_norm.bias"])
+    else:  # scaling
+        x = src * vals.unsqueeze(-1)
+    for n in range(args["nlayers"]):
+        layer = torch.nn.TransformerEncoderLayer(d, args["nheads"], args["d_hid"], dropout=0.0, batch_first=True)
+        p = f"transformer_encoder.layers.{n}."
+        layer.load_state_dict({
+            "self_attn.in_proj_weight": state[p + "self_attn.Wqkv.weight"], "self_attn.in_proj_bias": state[p + "self_attn.Wqkv.bias"],
+            "self_attn.out_proj.weight": state[p + "self_attn.out_proj.weight"], "self_attn.out_proj.bias": state[p + "self_attn.out_proj.bias"],
+            **{k: state[p + k] for k in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+                                         "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")}})
+        layer.eval()
+        with torch.no_grad():
+            x = layer(x, src_key_padding_mask=torch.from_numpy(padding))
+    return x[:, 0]
+
+
+@pytest.mark.parametrize("style", ["continuous", "category", "scaling"])
+def test_value_styles_against_pytorch_reference(scgpt_dir, reference, tmp_path, style):
+    """scGPT's three input_emb_style settings: the continuous one (the released models) reproduces the fixture's
+    references with the PyTorch-built encoder above; category bins and scaling are then checked against it."""
+    args = json.loads((scgpt_dir / "args.json").read_text())
+    state = torch.load(scgpt_dir / "best_model.pt", weights_only=True)
+    n_bins, d = args["n_bins"], args["embsize"]
+    values = reference["values"].copy()
+    if style != "continuous":
+        for key in [k for k in state if k.startswith("value_encoder.")]:
+            state.pop(key)
+        args["input_emb_style"] = style
+    if style == "category":
+        g = torch.Generator().manual_seed(1)
+        state["value_encoder.embedding.weight"] = torch.randn(n_bins + 2, d, generator=g)
+        state["value_encoder.enc_norm.weight"] = 1 + 0.1 * torch.randn(d, generator=g)
+        state["value_encoder.enc_norm.bias"] = 0.1 * torch.randn(d, generator=g)
+        args.update(pad_value=n_bins, mask_value=n_bins + 1)
+        values[values == -2] = n_bins  # scGPT's category pad (and <cls>) value
+    ckpt = _copy(scgpt_dir, tmp_path / style)
+    torch.save(state, ckpt / "best_model.pt")
+    (ckpt / "args.json").write_text(json.dumps(args))
+    expected = _scgpt_forward(state, args, reference["gene_ids"], values, reference["padding_mask"])
+    if style == "continuous":
+        assert np.abs(expected.numpy() - reference["cls_hidden"]).max() <= TOL
+    model = fm.load(ckpt)
+    table = np.asarray(model.config.gene_table)
+    ours = values[:, 1:].copy()
+    if style == "category":  # our discrete ids: <pad> is n_bins + 1 (the collator's pad value)
+        ours[reference["padding_mask"][:, 1:]] = model.config.pad_value_id
+        ours = ours.astype(np.int64)
+    with torch.no_grad():
+        out = model(gene_ids=torch.from_numpy(table[reference["gene_ids"][:, 1:]]), values=torch.from_numpy(ours),
+                    attention_mask=torch.from_numpy(~reference["padding_mask"][:, 1:]))
+    assert (out.cell_embedding - expected).abs().max() <= TOL
+    back = export_scgpt(convert_scgpt(ckpt, tmp_path / f"{style}_scfm"), tmp_path / f"{style}_back")
+    exported = torch.load(back / "best_model.pt", weights_only=True)
+    assert set(exported) == set(state) and all(torch.equal(exported[k], state[k]) for k in state)
+    assert json.loads((back / "args.json").read_text())["input_emb_style"] == style

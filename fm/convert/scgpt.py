@@ -3,9 +3,11 @@ as configurations of our own model, and back.
 
 scGPT's `TransformerModel` is, in scfm terms: Post-LN blocks with ReLU (`norm_first=False`, `activation="relu"`),
 a LayerNorm on the gene embedding (`gene_norm`), no LayerNorm on the summed embedding (`embedding_norm=False`),
-`<cls>` a gene token carrying the pad value (`cls_value`), and for `input_emb_style: continuous` (the released
-models) an MLP of the bin number, every value through it, clamped at 512 (`value_encoding="bin_values"`,
-`learned_value_sentinels=False`, `value_max=512`). Its ExprDecoder is `expression_decoder="scgpt"`, its
+`<cls>` a gene token carrying the pad value (`cls_value`). Its value input, by `input_emb_style`: `continuous`
+(the released models) an MLP of the bin number, every value through it, clamped at 512 (`value_encoding=
+"bin_values"`, `learned_value_sentinels=False`, `value_max=512`); `category` a table of bin ids + LayerNorm
+(`value_encoding="bins"`, `value_norm`; scGPT's pad/mask ids n_bins / n_bins+1 are our mask/pad swapped);
+`scaling` the bin number times the gene vector (`value_combine="scale"`). Its ExprDecoder is `expression_decoder="scgpt"`, its
 inner-product MVC decoder is ours. The key map below is the whole difference; no scGPT code is used.
 
 Tokenisation differences that remain (documented, not bugs): scGPT breaks bin ties (a value equal to a quantile
@@ -40,9 +42,6 @@ _LAYER = r"transformer_encoder\.layers\.(\d+)\."
 KEY_MAP = [
     (r"encoder\.embedding\.weight", "scfm.embeddings.gene.weight"),
     (r"encoder\.enc_norm\.(weight|bias)", "scfm.embeddings.gene_norm.{0}"),
-    (r"value_encoder\.linear1\.(weight|bias)", "scfm.embeddings.value.fc1.{0}"),
-    (r"value_encoder\.linear2\.(weight|bias)", "scfm.embeddings.value.fc2.{0}"),
-    (r"value_encoder\.norm\.(weight|bias)", "scfm.embeddings.value.norm.{0}"),
     (_LAYER + r"self_attn\.Wqkv\.(weight|bias)", "scfm.layers.{0}.attn.qkv.{1}"),  # flash-attention names
     (_LAYER + r"self_attn\.in_proj_(weight|bias)", "scfm.layers.{0}.attn.qkv.{1}"),  # nn.MultiheadAttention
     (_LAYER + r"self_attn\.out_proj\.(weight|bias)", "scfm.layers.{0}.attn.out.{1}"),
@@ -54,6 +53,15 @@ KEY_MAP = [
     (r"mvc_decoder\.gene2query\.(weight|bias)", "mvc_head.query.{0}"),
     (r"mvc_decoder\.W\.weight", "mvc_head.W.weight"),
 ]
+# the value encoder per input_emb_style ("scaling" has none: the value multiplies the gene vector)
+VALUE_MAPS = {
+    "continuous": [(r"value_encoder\.linear1\.(weight|bias)", "scfm.embeddings.value.fc1.{0}"),
+                   (r"value_encoder\.linear2\.(weight|bias)", "scfm.embeddings.value.fc2.{0}"),
+                   (r"value_encoder\.norm\.(weight|bias)", "scfm.embeddings.value.norm.{0}")],
+    "category": [(r"value_encoder\.embedding\.weight", "scfm.embeddings.value.weight"),
+                 (r"value_encoder\.enc_norm\.(weight|bias)", "scfm.embeddings.value_norm.{0}")],
+    "scaling": [],
+}
 # scGPT's classification decoder, imported when it was trained (n_cls > 1) as ScFMForAnnotation's scGPT-shaped head
 CLASSIFIER_MAP = [
     (r"cls_decoder\._decoder\.(\d+)\.(weight|bias)", "classifier_head.layers.{0}.{1}"),
@@ -76,6 +84,22 @@ def is_scgpt_dir(path: Path) -> bool:
             and any((path / name).is_file() for name in (ARGS_FILE, VOCAB_FILE, WEIGHTS_FILE)))
 
 
+def input_style(args: dict, source: Path) -> str:
+    """args.json's input_emb_style, checked against the pad/mask values scGPT pairs with it."""
+    style = args.get("input_emb_style", "continuous")
+    if style not in VALUE_MAPS:
+        raise CheckpointFormatError(f"{source / ARGS_FILE}: unknown input_emb_style {style!r} "
+                                    f"(scGPT's are {sorted(VALUE_MAPS)})")
+    n_bins = int(args.get("n_bins", 51))
+    # scGPT's settings: category bins use ids n_bins (pad) and n_bins + 1 (mask); the others -2 / -1
+    want = (n_bins, n_bins + 1) if style == "category" else (-2, -1)
+    got = (args.get("pad_value", want[0]), args.get("mask_value", want[1]))
+    if tuple(float(v) for v in got) != tuple(float(v) for v in want):
+        raise CheckpointFormatError(f"{source / ARGS_FILE}: pad_value/mask_value {got} for input_emb_style "
+                                    f"{style!r}; scGPT uses {want} (other values are not importable)")
+    return style
+
+
 def n_classes(state: dict) -> int:
     """Classes of the checkpoint's classification decoder (1: scGPT's untrained placeholder, or none)."""
     out = state.get("cls_decoder.out_layer.weight")
@@ -87,13 +111,7 @@ def scgpt_config(args: dict, mapping, source: Path, state: dict | None = None) -
     for key, what in _UNSUPPORTED_ARGS.items():
         if args.get(key):
             raise CheckpointFormatError(f"{source / ARGS_FILE}: {key}={args[key]!r} ({what}) is not importable yet")
-    style = args.get("input_emb_style", "continuous")
-    if style != "continuous":
-        raise CheckpointFormatError(f"{source / ARGS_FILE}: input_emb_style {style!r} is not importable yet "
-                                    "(the released scGPT models use 'continuous')")
-    if float(args.get("pad_value", -2)) != -2 or float(args.get("mask_value", -1)) != -1:
-        raise CheckpointFormatError(f"{source / ARGS_FILE}: pad_value/mask_value must be -2/-1 for continuous inputs, "
-                                    f"got {args.get('pad_value')}/{args.get('mask_value')}")
+    style = input_style(args, source)
     try:
         d_model, n_heads = int(args["embsize"]), int(args.get("nheads", args.get("nhead")))
         n_layers, d_ff = int(args["nlayers"]), int(args["d_hid"])
@@ -112,21 +130,30 @@ def scgpt_config(args: dict, mapping, source: Path, state: dict | None = None) -
                     classifier_layers=(max(blocks) // 3 + 2) if blocks else 1)
     return ScFMConfig(
         vocab_size=mapping.vocab_size, gene_table=table, n_bins=int(args.get("n_bins", 51)),
-        value_encoding="bin_values", d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff,
+        value_encoding="bins" if style == "category" else "bin_values", value_norm=style == "category",
+        value_combine="scale" if style == "scaling" else "sum", d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff,
         dropout=float(args.get("dropout", 0.2)), max_genes=int(args.get("max_seq_len", 1201)) - 1, pooling="cls",
         mvc=True, norm_first=bool(args.get("pre_norm", False)), activation="relu", gene_norm=True,
         embedding_norm=False, cls_value=True, learned_value_sentinels=False, value_max=VALUE_MAX,
         expression_decoder="scgpt", embedding_l2=True, **({"architectures": ["ScFMForMaskedExpression"]} | head))
 
 
-def _compiled(classifier: bool):
-    return [(re.compile(f"^{p}$"), t) for p, t in KEY_MAP + (CLASSIFIER_MAP if classifier else [])]
+def _key_map(style: str, classifier: bool) -> list[tuple[str, str]]:
+    return KEY_MAP + VALUE_MAPS[style] + (CLASSIFIER_MAP if classifier else [])
 
 
-def scgpt_state_dict(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+def _swap_pad_mask(table: torch.Tensor) -> torch.Tensor:
+    """Category value rows: scGPT keeps <pad> at n_bins and <mask> at n_bins + 1, we the other way round
+    (the swap is its own inverse, so it serves both directions)."""
+    order = list(range(table.shape[0]))
+    order[-2], order[-1] = order[-1], order[-2]
+    return table[order].contiguous()
+
+
+def scgpt_state_dict(state: dict[str, torch.Tensor], source: Path, style: str = "continuous") -> dict[str, torch.Tensor]:
     """scGPT keys → scfm keys; any key outside the map (other than the placeholder classifier) is an error."""
     out, unknown = {}, []
-    compiled = _compiled(n_classes(state) > 1)
+    compiled = [(re.compile(f"^{p}$"), t) for p, t in _key_map(style, n_classes(state) > 1)]
     for key, tensor in state.items():
         for pattern, target in compiled:
             m = pattern.match(key)
@@ -136,6 +163,8 @@ def scgpt_state_dict(state: dict[str, torch.Tensor], source: Path) -> dict[str, 
         else:
             if not DROPPED.match(key):
                 unknown.append(key)
+    if "scfm.embeddings.value.weight" in out:
+        out["scfm.embeddings.value.weight"] = _swap_pad_mask(out["scfm.embeddings.value.weight"])
     if unknown:
         raise CheckpointFormatError(f"{source}: unexpected keys {unknown[:8]} ({len(unknown)}) — a scGPT variant "
                                     "scfm does not import")
@@ -165,7 +194,7 @@ def load_scgpt(src: str | Path):
                                     f"{len(tokens)} tokens — the files belong to different models")
     mapping = map_gene_names(tokens)
     config = scgpt_config(args, mapping, src, state)
-    weights = scgpt_state_dict(state, src)
+    weights = scgpt_state_dict(state, src, input_style(args, src))
     if config.architectures[0] == "ScFMForAnnotation":
         from fm.heads.annotation import ScFMForAnnotation
 
@@ -209,7 +238,18 @@ def convert_scgpt(src: str | Path, out: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------ scfm → scGPT
 _REQUIRED = dict(norm_first=False, activation="relu", gene_norm=True, embedding_norm=False, cls_value=True,
-                 learned_value_sentinels=False, value_encoding="bin_values", expression_decoder="scgpt", mvc=True)
+                 learned_value_sentinels=False, expression_decoder="scgpt", mvc=True)
+
+
+def scgpt_style(config: ScFMConfig) -> str | None:
+    """The input_emb_style an scfm config is, or None when it is none of scGPT's."""
+    if config.value_combine == "scale" and config.value_encoding == "bin_values":
+        return "scaling"
+    if config.value_encoding == "bin_values" and not config.value_norm:
+        return "continuous"
+    if config.value_encoding == "bins" and config.value_norm:
+        return "category"
+    return None
 
 
 def export_scgpt(model_dir: str | Path, out: str | Path) -> Path:
@@ -220,26 +260,31 @@ def export_scgpt(model_dir: str | Path, out: str | Path) -> Path:
     model_dir, out = Path(model_dir), Path(out)
     config = ScFMConfig.from_pretrained(model_dir)
     wrong = {k: getattr(config, k) for k, v in _REQUIRED.items() if getattr(config, k) != v}
+    style = scgpt_style(config)
+    if style is None:
+        wrong["value_encoding"] = config.value_encoding
     if wrong or config.condition_keys or config.gene_table is None:
         raise ValueError(f"{model_dir}: not scGPT's architecture ({wrong or 'condition tokens or a full gene table'}); "
                          f"export to scGPT needs {_REQUIRED}, a compact gene table and no condition tokens")
     ours = load_file(model_dir / "model.safetensors")
     reverse = [(re.compile("^" + r"([^.]+)".join(map(re.escape, re.split(r"\{\d\}", t))) + "$"), p)
-               for p, t in KEY_MAP + CLASSIFIER_MAP]
+               for p, t in _key_map(style, True)]
     state = load_file(model_dir / EXTRA_FILE) if (model_dir / EXTRA_FILE).is_file() else {}
     for key, tensor in ours.items():
         for pattern, source in reverse:
             m = pattern.match(key)
             if m:
-                state[_fill(source, m.groups())] = tensor.clone()
+                state[_fill(source, m.groups())] = (_swap_pad_mask(tensor) if key == "scfm.embeddings.value.weight"
+                                                    else tensor.clone())
                 break
     tokenizer = CellTokenizer.from_pretrained(model_dir)
     names = token_names(config.gene_table, tokenizer.model_genes)
     args_path = model_dir / SOURCE_ARGS_FILE
     args = json.loads(args_path.read_text()) if args_path.is_file() else {}
+    pad_value, mask_value = (config.n_bins, config.n_bins + 1) if style == "category" else (-2, -1)
     args.update(embsize=config.d_model, nheads=config.n_heads, d_hid=config.d_ff, nlayers=config.n_layers,
-                dropout=config.dropout, pad_token="<pad>", pad_value=-2, mask_value=-1,
-                input_emb_style="continuous", n_bins=config.n_bins, max_seq_len=config.max_genes + 1)
+                dropout=config.dropout, pad_token="<pad>", pad_value=pad_value, mask_value=mask_value,
+                input_emb_style=style, n_bins=config.n_bins, max_seq_len=config.max_genes + 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / ARGS_FILE).write_text(json.dumps(args, indent=1))
     (out / VOCAB_FILE).write_text(json.dumps({name: i for i, name in enumerate(names)}))
