@@ -11,6 +11,12 @@ from fm.value_encoding import VALUE_ENCODINGS, ValueEncoding, check_n_bins, get_
 
 POOLINGS = ("cls", "mean")
 ACTIVATIONS = ("gelu", "relu")
+SCGPT_ARCHITECTURE = dict(norm_first=False, activation="relu", gene_norm=True, embedding_norm=False, cls_value=True,
+                          learned_value_sentinels=False, value_max=512.0, value_encoding="bin_values",
+                          expression_decoder="scgpt", embedding_l2=True, pooling="cls")
+"""scGPT's TransformerModel (input_emb_style continuous, as released) as ScFMConfig fields: what `fm convert scgpt`
+sets and what `model.architecture: scgpt` pretrains (so a model trained here exports to scGPT's files)."""
+ARCHITECTURES = {"scfm": {}, "scgpt": SCGPT_ARCHITECTURE}
 EXPRESSION_DECODERS = ("gelu", "scgpt")
 
 

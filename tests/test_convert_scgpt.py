@@ -363,3 +363,30 @@ def test_value_styles_against_pytorch_reference(scgpt_dir, reference, tmp_path, 
     exported = torch.load(back / "best_model.pt", weights_only=True)
     assert set(exported) == set(state) and all(torch.equal(exported[k], state[k]) for k in state)
     assert json.loads((back / "args.json").read_text())["input_emb_style"] == style
+
+
+def test_model_pretrained_here_exports_to_scgpt_and_back(tmp_path, small_h5ad_path):
+    """model.architecture=scgpt pretrains scGPT's architecture; `fm convert --to scgpt` writes scGPT's files
+    (gene names from our vocabulary's symbols), and importing them gives back the same model exactly."""
+    from conftest import tiny_overrides
+
+    from fm.cli import main
+    from fm.config import load_config
+    from fm.paths import recipe_path
+    from fm.pretrain import run_pretraining
+
+    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path / "run", [small_h5ad_path], steps=3,
+                                                           **{"model.architecture": "scgpt", "model.gene_init": "random"}))
+    result = run_pretraining(cfg)
+    model_dir = tmp_path / "run" / "model"
+    ours = fm.load(model_dir)
+    assert ours.config.value_encoding == "bin_values" and not ours.config.norm_first
+    assert main(["convert", "--to", "scgpt", str(model_dir), str(tmp_path / "scgpt")]) == 0
+    args = json.loads((tmp_path / "scgpt" / "args.json").read_text())
+    assert args["embsize"] == 32 and args["input_emb_style"] == "continuous"
+    back = fm.load(tmp_path / "scgpt")
+    sd_a, sd_b = ours.state_dict(), back.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    adata = ad.read_h5ad(small_h5ad_path)[:50].copy()
+    assert np.array_equal(fm.embed(adata, ours), fm.embed(adata.copy(), back))
+    assert result is not None

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fm.configuration_scfm import ScFMConfig
+from fm.configuration_scfm import SCGPT_ARCHITECTURE, ScFMConfig
 from fm.convert.common import (CheckpointFormatError, check_keys, map_gene_names, read_json, read_state_dict,
                                token_names, write_report)
 from fm.tokenizer import CellTokenizer
@@ -35,7 +35,6 @@ log = logging.getLogger("fm")
 
 ARGS_FILE, VOCAB_FILE, WEIGHTS_FILE = "args.json", "vocab.json", "best_model.pt"
 SOURCE_ARGS_FILE = "scgpt_args.json"  # the original args.json, kept in an export for the way back
-VALUE_MAX = 512.0  # scGPT's ContinuousValueEncoder max_value
 
 _LAYER = r"transformer_encoder\.layers\.(\d+)\."
 # scGPT key (regex) → scfm key of ScFMForMaskedExpression (format string over the regex groups)
@@ -73,6 +72,7 @@ DROPPED = re.compile(r"^cls_decoder\.")
 _UNSUPPORTED_ARGS = {  # args.json settings that change the architecture in ways scfm does not represent
     "use_batch_labels": "batch-label embeddings", "DSBN": "domain-specific batch norm",
     "domain_spec_batchnorm": "domain-specific batch norm", "explicit_zero_prob": "zero-probability decoders",
+    "pre_norm": "Pre-LN blocks without a final norm",
 }
 
 
@@ -130,12 +130,12 @@ def scgpt_config(args: dict, mapping, source: Path, state: dict | None = None) -
                     classifier_layers=(max(blocks) // 3 + 2) if blocks else 1)
     return ScFMConfig(
         vocab_size=mapping.vocab_size, gene_table=table, n_bins=int(args.get("n_bins", 51)),
-        value_encoding="bins" if style == "category" else "bin_values", value_norm=style == "category",
-        value_combine="scale" if style == "scaling" else "sum", d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff,
-        dropout=float(args.get("dropout", 0.2)), max_genes=int(args.get("max_seq_len", 1201)) - 1, pooling="cls",
-        mvc=True, norm_first=bool(args.get("pre_norm", False)), activation="relu", gene_norm=True,
-        embedding_norm=False, cls_value=True, learned_value_sentinels=False, value_max=VALUE_MAX,
-        expression_decoder="scgpt", embedding_l2=True, **({"architectures": ["ScFMForMaskedExpression"]} | head))
+        **(SCGPT_ARCHITECTURE | dict(value_encoding="bins" if style == "category" else "bin_values",
+                                     )),
+        value_norm=style == "category", value_combine="scale" if style == "scaling" else "sum", d_model=d_model,
+        n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, dropout=float(args.get("dropout", 0.2)),
+        max_genes=int(args.get("max_seq_len", 1201)) - 1, mvc=True,
+        zero_fraction=float(args.get("fm_zero_fraction", 0.0)), **({"architectures": ["ScFMForMaskedExpression"]} | head))
 
 
 def _key_map(style: str, classifier: bool) -> list[tuple[str, str]]:
@@ -284,7 +284,9 @@ def export_scgpt(model_dir: str | Path, out: str | Path) -> Path:
     pad_value, mask_value = (config.n_bins, config.n_bins + 1) if style == "category" else (-2, -1)
     args.update(embsize=config.d_model, nheads=config.n_heads, d_hid=config.d_ff, nlayers=config.n_layers,
                 dropout=config.dropout, pad_token="<pad>", pad_value=pad_value, mask_value=mask_value,
-                input_emb_style=style, n_bins=config.n_bins, max_seq_len=config.max_genes + 1)
+                input_emb_style=style, include_zero_gene=config.zero_fraction > 0, n_bins=config.n_bins, max_seq_len=config.max_genes + 1)
+    if config.zero_fraction:  # scfm's share of measured-but-unexpressed genes (scGPT's scripts ignore the key)
+        args["fm_zero_fraction"] = config.zero_fraction
     out.mkdir(parents=True, exist_ok=True)
     (out / ARGS_FILE).write_text(json.dumps(args, indent=1))
     (out / VOCAB_FILE).write_text(json.dumps({name: i for i, name in enumerate(names)}))
