@@ -31,12 +31,21 @@ def architecture_class(name: str) -> type | None:
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> PreTrainedModel:
-    """Load an exported checkpoint directory (config.json, model.safetensors, tokenizer files).
+    """Load an exported checkpoint directory (config.json, model.safetensors, tokenizer files), or a scGPT /
+    Geneformer checkpoint as it was released (converted in memory: fm.convert).
 
     Returns the model in eval mode with its CellTokenizer attached as `model.cell_tokenizer`.
-    Only safetensors weights are read; nothing is unpickled.
+    Only safetensors weights (and, for imports, PyTorch files read with weights_only=True) are read.
     """
     path = Path(path)
+    from fm.convert import detect_format, load_foreign
+
+    fmt = detect_format(path) if path.is_dir() else None
+    if fmt is not None:
+        model, tokenizer, _ = load_foreign(path, fmt)
+        model.cell_tokenizer = tokenizer
+        model.eval()
+        return model.to(device) if device is not None else model
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json — pass the exported model directory "
                                 "(e.g. runs/<name>/model), not the run or checkpoint directory")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -74,6 +75,31 @@ def _cmd_embed(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from fm.convert import FORMATS, convert
+
+    if args.to:
+        if len(args.paths) != 2:
+            raise ValueError("usage: fm convert --to scgpt MODEL_DIR OUT (an scfm export with scGPT's architecture)")
+        from fm.convert.scgpt import export_scgpt
+
+        out = export_scgpt(*args.paths)
+        print(f"wrote {out}: scGPT's args.json, vocab.json, best_model.pt")
+        return 0
+    if len(args.paths) != 3 or args.paths[0] not in FORMATS:
+        raise ValueError(f"usage: fm convert {{{','.join(FORMATS)}}} SRC OUT [--dictionaries DIR], or fm convert "
+                         "--to scgpt MODEL_DIR OUT")
+    fmt, src, out = args.paths
+    if args.dictionaries and fmt != "geneformer":
+        raise ValueError("--dictionaries is for geneformer checkpoints only")
+    out = convert(fmt, src, out, args.dictionaries)
+    from fm.convert.common import REPORT_FILE
+
+    report = json.loads((out / REPORT_FILE).read_text())
+    print(f"wrote {out}: an scfm export of the {fmt} checkpoint {src}\n  {report.get('summary', '')}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from fm.demo import run_demo
 
@@ -108,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--drop-empty", action="store_true", help="give cells without vocabulary genes NaN rows")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("convert", help="import a scGPT / Geneformer checkpoint as an scfm export (or export to scGPT)")
+    p.add_argument("paths", nargs="+", metavar="FORMAT SRC OUT", help="scgpt|geneformer SRC OUT; with --to: MODEL_DIR OUT")
+    p.add_argument("--dictionaries", default=None,
+                   help="geneformer: directory of the token and gene-median dictionaries (default: SRC, then its parent)")
+    p.add_argument("--to", choices=["scgpt"], default=None, help="export an scfm model in this checkpoint format")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("demo", help="the end-to-end job: pretrain the debug recipe, embed, write .h5ad, summarise")
     p.add_argument("--output-dir", default="runs/demo")

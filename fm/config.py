@@ -57,6 +57,10 @@ class ModelConfig:
     """InfoNCE temperature."""
     gep_weight: float = 1.0
     """Weight of the per-token GEP loss (0 trains the cell-embedding objectives alone)."""
+    architecture: str = "scfm"
+    """'scfm' (Pre-LN, GELU, the settings above) or 'scgpt': scGPT's TransformerModel (Post-LN, ReLU, <cls> with
+    the pad value, bin numbers through its value MLP, its decoders; fm.configuration_scfm.SCGPT_ARCHITECTURE,
+    which overrides pooling and data.value_encoding) — a model `fm convert --to scgpt` can export to scGPT's files."""
     init_from: str | None = None
     """Start from this exported checkpoint directory instead of random weights."""
     gene_table: str = "corpus"
@@ -65,6 +69,8 @@ class ModelConfig:
     update dominates), 'full' = one per vocabulary id (~157k). init_from keeps its own."""
 
     def __post_init__(self):
+        if self.architecture not in ("scfm", "scgpt"):
+            raise ValueError(f"model.architecture must be 'scfm' or 'scgpt', got {self.architecture!r}")
         if self.gene_table not in ("corpus", "full"):
             raise ValueError(f"model.gene_table must be 'corpus' or 'full', got {self.gene_table!r}")
         if self.d_model % self.n_heads:

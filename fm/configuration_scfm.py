@@ -11,6 +11,12 @@ from fm.value_encoding import VALUE_ENCODINGS, ValueEncoding, check_n_bins, get_
 
 POOLINGS = ("cls", "mean")
 ACTIVATIONS = ("gelu", "relu")
+SCGPT_ARCHITECTURE = dict(norm_first=False, activation="relu", gene_norm=True, embedding_norm=False, cls_value=True,
+                          learned_value_sentinels=False, value_max=512.0, value_encoding="bin_values",
+                          expression_decoder="scgpt", embedding_l2=True, pooling="cls")
+"""scGPT's TransformerModel (input_emb_style continuous, as released) as ScFMConfig fields: what `fm convert scgpt`
+sets and what `model.architecture: scgpt` pretrains (so a model trained here exports to scGPT's files)."""
+ARCHITECTURES = {"scfm": {}, "scgpt": SCGPT_ARCHITECTURE}
 EXPRESSION_DECODERS = ("gelu", "scgpt")
 BACKBONES = ("scfm", "bert")
 
@@ -63,7 +69,10 @@ class ScFMConfig(PretrainedConfig):
         embedding_norm: bool = True,  # LayerNorm on the summed token embedding (scGPT has none)
         cls_value: bool = False,  # <cls> also gets the value embedding of the pad value (scGPT's <cls> carries -2)
         learned_value_sentinels: bool = True,  # continuous values: mask/pad get learned vectors (False: the MLP, scGPT)
+        value_norm: bool = False,  # discrete values: LayerNorm on the value embedding (scGPT's category encoder)
+        value_combine: str = "sum",  # token = gene + value embedding ("sum") or gene × value number ("scale", scGPT)
         value_max: float | None = None,  # continuous values: clamp at this maximum before the MLP (scGPT: 512)
+        embedding_l2: bool = False,  # fm.embed returns L2-normalised cell embeddings (scGPT's embed_data does)
         expression_decoder: str = "gelu",  # GEP head: "gelu" (Linear-GELU-Linear) | "scgpt" (2 LeakyReLU layers)
         # ---- imported BERT backbones (Geneformer; fm/modeling_bert.py, fm/convert/geneformer.py)
         backbone: str = "scfm",  # "scfm" (ScFMModel) | "bert" (ScFMBertModel: transformers' BertModel over gene_table rows)
@@ -81,6 +90,8 @@ class ScFMConfig(PretrainedConfig):
         # num_labels / id2label / label2id (annotation, cci).
         label_key: str | None = None,  # annotation, cci: obs column the class names were read from
         classifier_dropout: float | None = None,  # annotation: head dropout; None = `dropout`, as BERT
+        classifier: str = "mlp",  # annotation: head shape, "mlp" (ours) | "scgpt" (scGPT's ClsDecoder, imported models)
+        classifier_layers: int = 3,  # annotation, classifier="scgpt": scGPT's n_layers_cls (Linear-ReLU-LayerNorm × n-1, out)
         unknown_threshold: float = 0.0,  # annotation: fm.annotate says "unknown" below this top probability
         target_scale: str = "log1p",  # imputation: scale fm.impute writes by default (log1p | normalized)
         target_sum: float = 1e4,  # imputation: counts per cell of the normalisation the head predicts in
@@ -146,12 +157,17 @@ class ScFMConfig(PretrainedConfig):
         self.cls_value = bool(cls_value)
         self.learned_value_sentinels = bool(learned_value_sentinels)
         self.value_max = None if value_max is None else float(value_max)
+        self.value_norm = bool(value_norm)
+        self.value_combine = str(value_combine)
         self.expression_decoder = str(expression_decoder)
+        self.embedding_l2 = bool(embedding_l2)
         self.initializer_range = float(initializer_range)
         self.cls_token_id = int(cls_token_id)
         self.mask_token_id = int(mask_token_id)
         self.label_key = label_key
         self.classifier_dropout = classifier_dropout
+        self.classifier = str(classifier)
+        self.classifier_layers = int(classifier_layers)
         self.unknown_threshold = float(unknown_threshold)
         self.target_scale = target_scale
         self.target_sum = float(target_sum)
@@ -226,6 +242,13 @@ class ScFMConfig(PretrainedConfig):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.expression_decoder not in EXPRESSION_DECODERS:
             raise ValueError(f"expression_decoder must be one of {EXPRESSION_DECODERS}, got {self.expression_decoder!r}")
+        if self.value_combine not in ("sum", "scale"):
+            raise ValueError(f"value_combine must be 'sum' or 'scale', got {self.value_combine!r}")
+        if self.value_combine == "scale" and self.encoding.discrete:
+            raise ValueError("value_combine='scale' multiplies gene vectors by value numbers: it needs a continuous "
+                             f"value_encoding, not {self.value_encoding!r}")
+        if self.classifier not in ("mlp", "scgpt"):
+            raise ValueError(f"classifier must be 'mlp' or 'scgpt', got {self.classifier!r}")
         if self.target_scale not in ("log1p", "normalized"):
             raise ValueError(f"target_scale must be 'log1p' or 'normalized', got {self.target_scale!r}")
         if self.adversary not in ("confusion", "reversal"):

@@ -78,10 +78,16 @@ def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, wid
 
 def cell_embeddings(adata, model, *, batch_size: int = 64, chunk_size: int = 4096, progress: bool = False,
                     drop_empty: bool = False, desc: str = "embed") -> np.ndarray:
-    """The backbone's cell embedding of every cell (n_obs, d_model) float32; NaN rows for cells dropped
-    by `drop_empty`. Writes nothing."""
+    """The backbone's cell embedding of every cell (n_obs, d_model) float32 (L2-normalised when the model's
+    config.embedding_l2 says so, as for imported scGPT models); NaN rows for cells dropped by `drop_empty`.
+    Writes nothing."""
     encoder = backbone(model)
-    out, keep = run_batched(adata, model, lambda m, batch: encoder(**batch).cell_embedding, width=model.config.d_model,
+
+    def embed(m, batch):
+        cell = encoder(**batch).cell_embedding
+        return torch.nn.functional.normalize(cell.float(), dim=-1) if model.config.embedding_l2 else cell
+
+    out, keep = run_batched(adata, model, embed, width=model.config.d_model,
                             batch_size=batch_size, chunk_size=chunk_size, progress=progress, drop_empty=drop_empty,
                             desc=desc)
     if drop_empty and not keep.all():

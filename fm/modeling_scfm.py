@@ -77,10 +77,13 @@ class ScFMEmbeddings(nn.Module):
             pad_row = config.gene_table.index(config.pad_token_id)
             self.gene = nn.Embedding(len(config.gene_table), config.d_model, padding_idx=pad_row)
         encoding = config.encoding
-        if encoding.discrete:  # n_bins levels + <mask> value (n_bins) + <pad> value (n_bins + 1)
+        if config.value_combine == "scale":  # scGPT's "scaling": the value number multiplies the gene vector
+            self.value = None
+        elif encoding.discrete:  # n_bins levels + <mask> value (n_bins) + <pad> value (n_bins + 1)
             self.value = nn.Embedding(encoding.n_tokens, config.d_model)
         else:
             self.value = ScFMContinuousValueEncoder(config)
+        self.value_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.value_norm else None
         # one table per condition key, in config.condition_keys order (names conditions.0, .1, …)
         self.conditions = nn.ModuleList(nn.Embedding(n, config.d_model) for n in config.condition_vocab_sizes)
         self.gene_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.gene_norm else None
@@ -105,7 +108,7 @@ class ScFMEmbeddings(nn.Module):
         tokens = self.embed_genes(torch.cat([gene_ids.new_full((B, 1), self.config.cls_token_id), gene_ids], 1))
         cls = tokens[:, :1]  # (B, 1, D)
         if self.config.cls_value:  # scGPT: <cls> is a gene token whose value is the pad value
-            cls = cls + self.value(values.new_full((B, 1), self.config.pad_value_id))
+            cls = self._with_values(cls, values.new_full((B, 1), self.config.pad_value_id))
         prefix = [cls]
         if self.conditions:
             if condition_ids is None:  # no conditions given = all unknown (id 0)
@@ -116,9 +119,17 @@ class ScFMEmbeddings(nn.Module):
                     f"got {tuple(condition_ids.shape)}"
                 )
             prefix += [table(condition_ids[:, i : i + 1]) for i, table in enumerate(self.conditions)]
-        genes = tokens[:, 1:] + self.value(values)  # (B, L, D)
+        genes = self._with_values(tokens[:, 1:], values)  # (B, L, D)
         x = torch.cat(prefix + [genes], dim=1)  # (B, T, D)
         return self.dropout(x if self.norm is None else self.norm(x))
+
+
+    def _with_values(self, genes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Gene vectors combined with their values: + value embedding, or × the value number ("scale")."""
+        if self.value is None:
+            return genes * values.unsqueeze(-1).to(genes.dtype)
+        v = self.value(values)
+        return genes + (v if self.value_norm is None else self.value_norm(v))
 
 
 def build_gene_index(config: ScFMConfig) -> torch.Tensor:

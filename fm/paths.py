@@ -26,8 +26,10 @@ def data_dir() -> Path:
 
 
 def fixtures_dir() -> Path:
-    """Reference checkpoints and outputs for the importers' tests: `fixtures` beside the data directory."""
-    return data_dir().parent / "fixtures"
+    """The checkpoint fixtures (scGPT / Geneformer formats with reference outputs): $FM_FIXTURES_DIR, else
+    `fixtures/` beside the data directory (../shared/fixtures)."""
+    env = os.environ.get("FM_FIXTURES_DIR")
+    return Path(env).expanduser().resolve() if env else data_dir().parent / "fixtures"
 
 
 def h5ad_path(name: str) -> Path:

@@ -13,6 +13,7 @@ from fm.data import CellCollator, encode_files
 from fm.data.collator import collator_settings
 from fm.data.corpus import corpus_genes, is_corpus, load_manifest
 from fm.data.streaming import CorpusDataset
+from fm.configuration_scfm import ARCHITECTURES
 from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression
 from fm.tokenizer import CellTokenizer, EncodedCells, split_cells
 from fm.train import TrainResult, make_accelerator, train
@@ -37,14 +38,17 @@ def build_model(cfg: RunConfig, tokenizer: CellTokenizer, genes: np.ndarray | No
     m = cfg.model
     table = None if genes is None else gene_table(genes, tokenizer)
     tokenizer.gene_table = None if table is None else np.asarray(table, dtype=np.int64)
+    arch = ARCHITECTURES[m.architecture]
     config = ScFMConfig(vocab_size=len(tokenizer.vocab), gene_table=table, n_bins=m.n_bins,
-                        value_encoding=cfg.data.value_encoding,
+                        value_encoding=arch.get("value_encoding", cfg.data.value_encoding),
                         d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout,
                         max_genes=cfg.data.max_genes, condition_keys=tokenizer.condition_keys,
-                        condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=m.pooling, mvc=m.mvc,
+                        condition_vocab_sizes=tokenizer.condition_vocab_sizes(), pooling=arch.get("pooling", m.pooling),
+                        mvc=m.mvc,
                         wced_genes=m.wced_genes, wced_weight=m.wced_weight, gep_weight=m.gep_weight,
                         contrastive_weight=m.contrastive_weight, contrastive_temperature=m.contrastive_temperature,
-                        generative_mask=m.generative_mask, zero_fraction=cfg.data.zero_fraction)
+                        generative_mask=m.generative_mask, zero_fraction=cfg.data.zero_fraction,
+                        **{k: v for k, v in arch.items() if k not in ("value_encoding", "pooling")})
     torch.manual_seed(cfg.train.seed)  # same seed, same initial weights
     return ScFMForMaskedExpression(config)
 

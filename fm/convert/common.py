@@ -21,8 +21,10 @@ from fm.vocab import GeneVocab
 log = logging.getLogger("fm")
 
 SPECIAL_IDS = {"<pad>": GeneVocab.pad_id, "<cls>": GeneVocab.cls_id, "<mask>": GeneVocab.mask_id,
-               "<eoc>": GeneVocab.eoc_id, "<unk>": GeneVocab.unk_id}
-"""Special tokens a checkpoint vocabulary may hold → our special ids (the rest of its <…> tokens get own ids)."""
+               "<eoc>": GeneVocab.eoc_id, "<unk>": GeneVocab.unk_id,
+               **{f"<unused{i}>": i for i in range(GeneVocab.unk_id + 1, GeneVocab.n_special)}}
+"""Special tokens a checkpoint vocabulary may hold → our special ids (our own <unusedN> come back from an export
+in a checkpoint format; any other <…> token gets an id of its own)."""
 
 REPORT_FILE = "conversion_report.json"
 

@@ -65,6 +65,22 @@ class ScFMClassificationHead(nn.Module):
         return self.out(self.dropout(F.gelu(self.dense(self.dropout(self.norm(cell.float()))))))
 
 
+class ScGPTClassificationHead(nn.Module):
+    """scGPT's ClsDecoder (config.classifier="scgpt", for imported scGPT classifiers): (Linear(D, D) → ReLU →
+    LayerNorm) × (classifier_layers - 1) → Linear(D, num_labels) on the cell embedding."""
+
+    def __init__(self, config: ScFMConfig):
+        super().__init__()
+        d = config.d_model
+        blocks = [[nn.Linear(d, d), nn.ReLU(), nn.LayerNorm(d, eps=config.layer_norm_eps)]
+                  for _ in range(config.classifier_layers - 1)]
+        self.layers = nn.Sequential(*[m for block in blocks for m in block])
+        self.out = nn.Linear(d, config.num_labels)
+
+    def forward(self, cell: torch.Tensor) -> torch.Tensor:
+        return self.out(self.layers(cell))
+
+
 class ScFMForAnnotation(ScFMPreTrainedModel):
     """Backbone + MLP head on the cell embedding: cell-type annotation (and any per-cell label).
 
@@ -75,7 +91,8 @@ class ScFMForAnnotation(ScFMPreTrainedModel):
     def __init__(self, config: ScFMConfig):
         super().__init__(config)
         self.scfm = build_backbone(config)
-        self.classifier_head = ScFMClassificationHead(config)
+        head = ScGPTClassificationHead if config.classifier == "scgpt" else ScFMClassificationHead
+        self.classifier_head = head(config)
         self.post_init()
 
     def forward(
@@ -116,5 +133,5 @@ def register_head_auto_classes() -> None:
 
 register_head_auto_classes()
 
-__all__ = ["IGNORE_INDEX", "ScFMAnnotationOutput", "ScFMClassificationHead",
+__all__ = ["IGNORE_INDEX", "ScFMAnnotationOutput", "ScFMClassificationHead", "ScGPTClassificationHead",
            "ScFMForAnnotation", "register_head_auto_classes"]

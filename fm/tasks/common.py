@@ -51,6 +51,12 @@ def require_init(cfg: RunConfig) -> None:
     if not cfg.model.init_from:
         raise ValueError("fine-tuning needs a pretrained model: pass model.init_from=<exported model directory>")
     if not (Path(cfg.model.init_from) / "config.json").is_file():
+        from fm.convert import detect_format
+
+        fmt = detect_format(cfg.model.init_from)
+        if fmt is not None:
+            raise ValueError(f"model.init_from={cfg.model.init_from} is a {fmt} checkpoint: convert it once with "
+                             f"`fm convert {fmt} {cfg.model.init_from} OUT` and fine-tune from OUT")
         raise FileNotFoundError(f"model.init_from={cfg.model.init_from}: no config.json — pass an exported model "
                                 "directory (runs/<name>/model)")
 
