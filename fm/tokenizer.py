@@ -140,7 +140,8 @@ class CellTokenizer:
         if self.gene_key is not None and self.gene_key not in adata.var.columns:
             raise KeyError(f"{source or 'input'}: var column {self.gene_key!r} (gene_key) is missing; "
                            f"available: {list(adata.var.columns)}. Pass gene_key=None to use var_names.")
-        names = pd.Index(adata.var[self.gene_key].astype(str) if self.gene_key else adata.var_names.astype(str))
+        key = self.gene_key or self._ensembl_column(adata, source)
+        names = pd.Index(adata.var[key].astype(str) if key else adata.var_names.astype(str))
         if names.has_duplicates:
             dup = names[names.duplicated()].unique()[:5].tolist()
             raise ValueError(f"{source or 'input'}: duplicate gene names {dup} ({names.duplicated().sum()} in all). "
@@ -168,6 +169,28 @@ class CellTokenizer:
                              "Keep one column per gene (sum duplicates) before tokenizing.")
         log.info(match.summary())
         return match
+
+    def _ensembl_column(self, adata, source: str) -> str | None:
+        """For a model whose own gene names are Ensembl IDs (an imported Geneformer), the var column of Ensembl IDs
+        when var_names are not: symbols reach fewer of its genes (IDs our vocabulary lacks are found only by ID).
+        None for scfm's own models and when var_names already are IDs or no column holds them."""
+        if not self.model_genes or self.gene_key:
+            return None
+        from fm.vocab import ENSEMBL_ID_RE
+
+        def ensembl_share(values) -> float:
+            sample = pd.Series(np.asarray(values, dtype=object)[:2000]).astype(str)
+            return float(sample.str.match(ENSEMBL_ID_RE).mean()) if len(sample) else 0.0
+
+        if ensembl_share(list(self.model_genes)) < 0.9 or ensembl_share(adata.var_names) >= 0.5:
+            return None
+        for column in adata.var.columns:
+            if adata.var[column].dtype.kind in "OSU" or str(adata.var[column].dtype) == "category":
+                if ensembl_share(adata.var[column]) >= 0.9:
+                    log.info("%s: matching genes by var[%r] (Ensembl IDs), as this model names its genes "
+                             "(pass gene_key to choose another column)", source or "input", column)
+                    return str(column)
+        return None
 
     def _restrict_to_table(self, match: GeneMatch, names: pd.Index) -> GeneMatch:
         """Drop (and report once, with examples) the genes the model has no embedding row for.

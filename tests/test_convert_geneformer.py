@@ -75,7 +75,7 @@ def test_reference_outputs_from_stored_input_ids(imported, reference):
 
 def test_embed_from_h5ad_reproduces_geneformer_tokens(converted, reference, citeseq16):
     model = fm.load(converted)
-    model.cell_tokenizer.gene_key = "gene_ids"  # Geneformer matches Ensembl IDs (var.gene_ids)
+    assert model.cell_tokenizer.gene_key is None  # the tokenizer finds var.gene_ids itself: the model's genes are IDs
     cells = model.cell_tokenizer.for_config(model.config).encode(citeseq16)
     batch = inference_collator(model)([cells[i] for i in range(len(cells))])
     row_of = {v: r for r, v in enumerate(model.config.gene_table)}
@@ -237,7 +237,6 @@ def test_v2_cls_eos_and_pooling(gf_dir, citeseq16, tmp_path):
     cls_ref = hidden[:, 0].numpy()
     mean_ref = ((hidden * genes[..., None]).sum(1) / genes.sum(1, keepdim=True)).numpy()
 
-    model.cell_tokenizer.gene_key = "gene_ids"
     np.testing.assert_allclose(fm.embed(citeseq16, model, batch_size=16), cls_ref, atol=TOL, rtol=0)
     model.config.pooling = "mean"  # V2's emb_mode "cell": mean over genes, <cls>/<eos> excluded
     np.testing.assert_allclose(fm.embed(citeseq16, model, batch_size=5), mean_ref, atol=TOL, rtol=0)

@@ -263,34 +263,6 @@ def test_trained_classifier_and_pytorch_attention_names(scgpt_dir, reference, tm
     assert adata.obs["fm_cell_type"].isin([f"class_{i}" for i in range(5)] + ["unknown"]).all()
 
 
-def test_command_line_on_a_converted_checkpoint(scgpt_dir, tmp_path, capsys):
-    """The commands a user runs on a released checkpoint: fm convert, fm embed, fm finetune (a few steps),
-    fm eval with --model (zero-shot and fine-tuned rows, with their random-init controls)."""
-    import pandas as pd
-
-    from fm.cli import main
-    from fm.paths import data_dir, recipe_path
-
-    pbmc = real_file(PBMC)
-    out = tmp_path / "scgpt_scfm"
-    assert main(["convert", "scgpt", str(scgpt_dir), str(out)]) == 0
-    assert "1792/2000 checkpoint genes" in capsys.readouterr().out
-    assert main(["embed", "--model", str(out), "--input", str(pbmc), "--output", str(tmp_path / "emb.h5ad")]) == 0
-    assert ad.read_h5ad(tmp_path / "emb.h5ad").obsm["X_fm"].shape == (2638, 32)
-    assert main(["finetune", str(recipe_path("recipes/finetune/annotation.yaml")), f"model.init_from={out}",
-                 f"train.output_dir={tmp_path / 'annot'}", "train.max_steps=4", "train.epochs=null",
-                 "train.eval_every=2", "train.save_every=0", f"data.paths=[{pbmc}]"]) == 0
-    clf = fm.load(tmp_path / "annot" / "model")
-    assert type(clf).__name__ == "ScFMForAnnotation" and clf.config.cls_value and not clf.config.norm_first
-    assert main(["eval", "eval/annotation.yaml", "--profile", "ci", "--model", str(out), "--output",
-                 str(tmp_path / "eval"), "--methods", "knn_pca", "fm_knn", "fm_finetune", "--datasets", "pbmc3k"]) == 0
-    rows = pd.read_csv(tmp_path / "eval" / "results.csv")
-    methods = set(rows["method"])
-    assert {f"fm_knn[{out.name}]", f"fm_finetune[{out.name}]", f"fm_knn[{out.name}:random_init]",
-            f"fm_finetune[{out.name}:scratch]"} <= methods, methods
-    assert data_dir().is_dir()
-
-
 def _scgpt_forward(state: dict, args: dict, gene_ids: np.ndarray, values: np.ndarray, padding: np.ndarray) -> torch.Tensor:
     """scGPT's TransformerModel encoder as its README and args describe it, built from PyTorch's own modules
     (nn.TransformerEncoderLayer: Post-LN, ReLU): an implementation independent of scfm's blocks, checked
