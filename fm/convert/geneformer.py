@@ -48,12 +48,22 @@ class _PlainDataUnpickler(pickle.Unpickler):
     ALLOWED = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("numpy", "dtype"):
+            return _numeric_dtype
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refused persistent id")
+
+
+def _numeric_dtype(*args):
+    """numpy.dtype for the unpickler, numeric kinds only (an object dtype would let a scalar carry any object)."""
+    dtype = np.dtype(*args)
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"refused numpy dtype {dtype}")
+    return dtype
 
 
 def _plain(value, path: Path):
