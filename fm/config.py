@@ -187,7 +187,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 disables."""
     mixed_precision: str = "no"
-    """'no', 'bf16' or 'fp16' (passed to accelerate)."""
+    """'no', 'bf16', 'fp16' or 'auto' (bf16 where the hardware computes it natively — CUDA with bf16, CPUs with
+    AVX512-BF16/AMX — else fp32). 'bf16' on a CPU without native bf16 runs fp32 with one warning: emulated bf16
+    is 3.5–5× slower there (fm/precision.py)."""
+    fused_optimizer: bool = True
+    """Fused AdamW kernel (CPU and CUDA; one pass over each tensor instead of a chain of ops). Off, and under
+    DeepSpeed (its own optimizer wrapper): torch's default AdamW."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     seed: int = 0
@@ -209,8 +214,8 @@ class TrainConfig:
     """Show a tqdm progress bar."""
 
     def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision must be no|bf16|fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
+            raise ValueError(f"train.mixed_precision must be no|bf16|fp16|auto, got {self.mixed_precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -38,6 +38,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from fm.config import TrainConfig
 from fm.early_stopping import EarlyStopping
+from fm.precision import resolve_mixed_precision
 from fm.train_state import (CHECKPOINTS, EXIT_PREEMPTED, STATE_FILE, StopSignal, append_history, latest_checkpoint,
                             log_eval, open_history, process_counters, read_state, save_checkpoint)
 
@@ -102,12 +103,13 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     launcher_mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's config: not the source
-    if launcher_mp not in ("no", cfg.mixed_precision):
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    if launcher_mp not in ("no", mixed_precision):
         log.warning("accelerate config says mixed_precision=%s; the recipe's train.mixed_precision=%s is used",
-                    launcher_mp, cfg.mixed_precision)
+                    launcher_mp, mixed_precision)
     # step_scheduler_with_optimizer=False: we step the schedule once per optimizer step ourselves;
     # accelerate's default would step it num_processes times, so LR would depend on the world size
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed_precision,
                               step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:  # we prepare no dataloader: fill DeepSpeed's "auto"s
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -117,6 +119,14 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         if ds.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside engine.step()
             ds["gradient_clipping"] = cfg.max_grad_norm
     return accelerator
+
+
+def _adamw_implementation(cfg: TrainConfig, accelerator: Accelerator) -> dict:
+    """fused=True where torch has the kernel (CPU and CUDA float parameters), unless turned off or under DeepSpeed,
+    which wraps the optimizer itself. Measured in eval/perf/RESULTS.md ("Optimizer step")."""
+    if not cfg.fused_optimizer or accelerator.state.deepspeed_plugin is not None:
+        return {}
+    return {"fused": accelerator.device.type in ("cpu", "cuda")}
 
 
 NO_DECAY_MODULES = (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.BatchNorm1d)
@@ -238,7 +248,8 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
                          f"{cfg.batch_size} × {world} processes; lower train.batch_size")
     total = budget_steps(cfg, micro_per_epoch)  # the schedule's length: known before the optimizer exists
     stopper = _early_stopping(cfg, eval_dataset)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
+                                  **_adamw_implementation(cfg, accelerator))
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total), total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
