@@ -168,13 +168,16 @@ def bin_csr_f32(indptr, values, q, out):
 
 
 @njit(cache=True, nogil=True)
-def _smallest(keys, n, k, out, count, perm):
-    """out[:k] = indices of the k smallest keys[:n] (53-bit uniform integers), in (key, index) order.
+def _smallest(keys, n, k, out, count, perm, sk):
+    """out[:k] = indices of the k smallest keys[:n] (53-bit uniform integers), in (key, index) order;
+    returns whether two of the keys sorted there are equal.
 
-    Bucket pass on the top bits (stable: indices ascending within a bucket), then an insertion sort of
-    each bucket taken, in bucket order, until k are out. `count` needs >= 2·n + 1 entries, `perm` n."""
+    A stable scatter into ~n buckets by the key's top bits leaves every key within its bucket of its
+    sorted place, so one insertion sort pass over the scattered keys finishes the order with almost no
+    moves (and few mispredicted branches). `count` needs >= n + 2 entries (power-of-two bucket count
+    <= 2·n), `perm` and `sk` n each."""
     if k <= 0:
-        return
+        return False
     bits = 0
     while (1 << bits) < n:
         bits += 1
@@ -186,29 +189,37 @@ def _smallest(keys, n, k, out, count, perm):
         count[np.int64(keys[i] >> shift) + 1] += 1
     for b in range(nb):
         count[b + 1] += count[b]
-    # count[b] = start of bucket b; scatter, then count[b] = end of bucket b
     for i in range(n):
-        b = np.int64(keys[i] >> shift)
-        perm[count[b]] = i
-        count[b] += 1
-    taken = 0
-    start = 0
-    for b in range(nb):
-        end = count[b]
-        for x in range(start + 1, end):  # insertion sort by key; equal keys keep index order
-            v = perm[x]
-            kv = keys[v]
+        key = keys[i]
+        b = np.int64(key >> shift)
+        pos = count[b]
+        sk[pos] = key
+        perm[pos] = i
+        count[b] = pos + 1
+    # only the buckets up to the one holding sorted position k - 1 matter
+    last = k
+    while last < n and (sk[last] >> shift) == (sk[k - 1] >> shift):
+        last += 1
+    tie = False
+    for x in range(1, last):
+        v = sk[x]
+        if sk[x - 1] >= v:
+            if sk[x - 1] == v:
+                tie = True
+                continue
+            i = perm[x]
             y = x - 1
-            while y >= start and keys[perm[y]] > kv:
+            while y >= 0 and sk[y] > v:
+                sk[y + 1] = sk[y]
                 perm[y + 1] = perm[y]
                 y -= 1
-            perm[y + 1] = v
-        for x in range(start, end):
-            out[taken] = perm[x]
-            taken += 1
-            if taken == k:
-                return
-        start = end
+            if y >= 0 and sk[y] == v:
+                tie = True
+            sk[y + 1] = v
+            perm[y + 1] = i
+    for x in range(k):
+        out[x] = perm[x]
+    return tie
 
 
 @njit(cache=True, nogil=True)
@@ -227,7 +238,9 @@ def fill_batch(indptr, genes, counts, count_bits, encoded, cell_index, kept_expr
     keys = np.empty(max(maxlen, maxkept), np.uint64)
     count = np.empty(2 * max(maxlen, maxkept) + 2, np.int64)
     perm = np.empty(max(maxlen, maxkept), np.int64)
+    sk = np.empty(max(maxlen, maxkept), np.uint64)
     sel = np.empty(max(maxlen, maxkept), np.int64)
+    msel = np.empty(max(maxlen, maxkept), np.int64)
     colof = np.full(maxlen, -1, np.int64)
     tokcol = np.empty(maxkept, np.int64)
     zoff = 0
@@ -244,7 +257,7 @@ def fill_batch(indptr, genes, counts, count_bits, encoded, cell_index, kept_expr
         elif train:
             for p in range(n):
                 keys[p] = _hash53(sample_base, cell, p)
-            _smallest(keys, n, ke, sel, count, perm)
+            _smallest(keys, n, ke, sel, count, perm, sk)
         else:
             for p in range(n):
                 v = counts[lo + p]
@@ -273,29 +286,39 @@ def fill_batch(indptr, genes, counts, count_bits, encoded, cell_index, kept_expr
         # --- masking: the n_mask smallest hashed (cell, gene) keys, ties by token order (kept expressed genes
         # in their row order, then zero genes)
         if train and n_mask[i] > 0:
-            t = 0
-            if ke == n and _identity(sel, ke):
-                for p in range(n):
-                    keys[t] = _hash53(mask_base, cell, genes[lo + p])
-                    tokcol[t] = p
-                    t += 1
-            else:
-                for c in range(ke):
-                    colof[sel[c]] = c
-                for p in range(n):
-                    c = colof[p]
-                    if c >= 0:
-                        keys[t] = _hash53(mask_base, cell, genes[lo + p])
-                        tokcol[t] = c
-                        t += 1
-                        colof[p] = -1
+            # keys in column order (tie-break = column); the numpy path breaks ties by token order (kept
+            # expressed genes in row order, then zero genes), so a tie (two equal 53-bit hashes) where the two
+            # orders differ reruns in token order
+            t = ke + nz
+            nm = min(n_mask[i], t)  # mask_ratio > 1: every token
+            for c in range(ke):
+                keys[c] = _hash53(mask_base, cell, genes[lo + sel[c]])
+                tokcol[c] = c
             for z in range(nz):
-                keys[t] = _hash53(mask_base, cell, zero_genes[zoff + z])
-                tokcol[t] = ke + z
-                t += 1
-            _smallest(keys, t, n_mask[i], sel, count, perm)
-            for x in range(n_mask[i]):
-                c = tokcol[sel[x]]
+                keys[ke + z] = _hash53(mask_base, cell, zero_genes[zoff + z])
+                tokcol[ke + z] = ke + z
+            if not (ke == n and _identity(sel, ke)):
+                tie = _smallest(keys, t, nm, msel, count, perm, sk)
+                if tie:
+                    for c in range(ke):
+                        colof[sel[c]] = c
+                    t = 0
+                    for p in range(n):
+                        c = colof[p]
+                        if c >= 0:
+                            keys[t] = _hash53(mask_base, cell, genes[lo + p])
+                            tokcol[t] = c
+                            t += 1
+                            colof[p] = -1
+                    for z in range(nz):
+                        keys[t] = _hash53(mask_base, cell, zero_genes[zoff + z])
+                        tokcol[t] = ke + z
+                        t += 1
+                    _smallest(keys, t, nm, msel, count, perm, sk)
+            else:
+                _smallest(keys, t, nm, msel, count, perm, sk)
+            for x in range(nm):
+                c = tokcol[msel[x]]
                 masked[i, c] = True
                 values[i, c] = mask_value
         zoff += nz

@@ -132,3 +132,16 @@ def test_inference_nan_count_falls_back(real_cells, force):
     row["counts"][0] = np.nan
     col = CellCollator(max_genes=50, train=False, value_encoding="continuous")
     _assert_same(*_both(force, lambda: col([row])))
+
+
+def test_smallest_with_ties_matches_lexsort():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100, 2245):
+        for k in {1, n // 2 + 1, n}:
+            keys = rng.integers(0, 2**53, n).astype(np.uint64)
+            keys[rng.integers(0, n, n // 3)] = keys[rng.integers(0, n, n // 3)]  # ties
+            keys[: n // 4] &= np.uint64(0xFFF)  # crowded low buckets
+            out, count, perm, sk = (np.empty(n, np.int64), np.empty(2 * n + 2, np.int64), np.empty(n, np.int64),
+                                    np.empty(n, np.uint64))
+            _kernels._smallest(keys, n, k, out, count, perm, sk)
+            np.testing.assert_array_equal(out[:k], np.lexsort((np.arange(n), keys))[:k])

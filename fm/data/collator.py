@@ -7,6 +7,7 @@ reproducible — and the whole batch is processed with a handful of numpy calls,
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -36,6 +37,7 @@ def hashed_uniform(seed: int, epoch: int, cell: np.ndarray, position: np.ndarray
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+@functools.lru_cache(maxsize=256)
 def _seed_word(seed: int, epoch: int, salt: int) -> np.uint64:
     """The first hash of hashed_uniform(seed, epoch, ·, ·, salt), shared by all its entries."""
     with np.errstate(over="ignore"):
