@@ -186,13 +186,53 @@ def _bin_block(indptr: np.ndarray, values: np.ndarray, n_bins: int) -> np.ndarra
     return out
 
 
+def compiled_kernels():
+    """fm._kernels when numba is importable and the kernels are enabled (FM_COLLATOR != numpy), else None."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from fm import _kernels
+        except ImportError:  # numba absent: the numpy paths
+            _KERNELS = False
+        else:
+            _KERNELS = _kernels
+    return _KERNELS if _KERNELS and _KERNELS.enabled() else None
+
+
+_KERNELS = None
+
+
 def bin_csr(indptr: np.ndarray, values: np.ndarray, n_bins: int = 51) -> np.ndarray:
     """scGPT bins for every stored entry of a CSR matrix (``indptr``, ``values``), int64.
 
     Zeros (stored or not) are bin 0; a row without positive values is all 0; positive values get
     scGPT's bin in ``1 .. n_bins-1`` with the deterministic tie rule ``(left + right + 1) // 2``
     (module docstring). Rows are independent, so any row slicing/batching gives the same bins.
+    float32 values go through a compiled per-cell kernel when numba is installed (fm._kernels:
+    the same arithmetic, identical output); everything else through the vectorised numpy code.
     """
+    kernels = compiled_kernels()
+    if (kernels is not None and isinstance(values, np.ndarray) and values.dtype == np.float32 and values.ndim == 1
+            and isinstance(n_bins, (int, np.integer)) and not isinstance(n_bins, bool) and n_bins >= 2):
+        ip = _check_indptr(indptr, values.size)
+        out = np.empty(values.size, dtype=np.int64)
+        if kernels.bin_csr_f32(ip, values, _linspace(int(n_bins)), out) == 0:
+            return out
+    return _bin_csr_numpy(indptr, values, n_bins)
+
+
+_Q: dict = {}
+
+
+def _linspace(n_bins: int) -> np.ndarray:
+    q = _Q.get(n_bins)
+    if q is None:
+        q = _Q[n_bins] = np.linspace(0, 1, n_bins - 1)
+    return q
+
+
+def _bin_csr_numpy(indptr: np.ndarray, values: np.ndarray, n_bins: int = 51) -> np.ndarray:
+    """bin_csr's vectorised numpy path (no Python loop over cells)."""
     values = _check_values(values)
     indptr = _check_indptr(indptr, values.size)
     if not isinstance(n_bins, (int, np.integer)) or isinstance(n_bins, bool) or n_bins < 2:

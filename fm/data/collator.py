@@ -7,11 +7,13 @@ reproducible — and the whole batch is processed with a handful of numpy calls,
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from fm.binning import compiled_kernels
 from fm.preprocessing import TARGET_SUM
 from fm.value_encoding import ValueEncoding, get_value_encoding
 
@@ -33,6 +35,13 @@ def hashed_uniform(seed: int, epoch: int, cell: np.ndarray, position: np.ndarray
         h = _splitmix64(h ^ cell.astype(np.uint64))
         h = _splitmix64(h ^ position.astype(np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@functools.lru_cache(maxsize=256)
+def _seed_word(seed: int, epoch: int, salt: int) -> np.uint64:
+    """The first hash of hashed_uniform(seed, epoch, ·, ·, salt), shared by all its entries."""
+    with np.errstate(over="ignore"):
+        return _splitmix64(np.full(1, (seed * 1_000_003 + epoch) * 131 + salt, dtype=np.uint64))[0]
 
 
 def _fast_hashed_order(row: np.ndarray, keys: tuple) -> np.ndarray | None:
@@ -245,6 +254,13 @@ class CellCollator:
         if self.train and self.view_keep < 1.0:
             budget = np.minimum(budget, np.ceil(lengths * self.view_keep).astype(np.int64))
 
+        kernels = compiled_kernels() if median is None else None
+        if kernels is not None:  # the compiled per-cell loops (fm._kernels): the same tensors as below
+            batch = self._compiled_batch(kernels, rows, lengths, indptr, genes, counts, cell_index, encoded,
+                                         n_zero, budget)
+            if batch is not None:
+                return batch
+
         row = np.repeat(np.arange(len(rows)), lengths)
         position = np.arange(genes.size) - indptr[row]
         if median is not None:  # Geneformer's order: count / median descending, ties by vocab id
@@ -284,6 +300,41 @@ class CellCollator:
             masked = np.zeros_like(attention_mask)
             masked[r, c] = mrank < n_mask[r]
             values[masked] = encoding.mask_value_id
+            batch.update(masked_positions=masked, labels=labels)
+            if self.decode_genes:
+                batch.update(self._whole_cell_targets(rows, genes, counts, indptr))
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _compiled_batch(self, kernels, rows, lengths, indptr, genes, counts, cell_index, encoded, n_zero,
+                        budget) -> dict[str, torch.Tensor] | None:
+        """__call__'s selection, zero genes, masking and padding by fm._kernels.fill_batch (None: a count the
+        kernel does not order, e.g. NaN at inference; the numpy path then decides)."""
+        encoding = self.encoding
+        kept_expressed = np.minimum(lengths, budget)
+        kept = kept_expressed + n_zero
+        zeros = self._zero_genes(rows, n_zero, genes, indptr) if n_zero.any() else np.zeros(0, np.int64)
+        width = max(int(kept.max(initial=1)), 1)
+        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(rows), width)
+        gene_ids = np.full(shape, self.pad_token_id, dtype=np.int64)
+        values = np.full(shape, encoding.pad_value_id, dtype=encoded.dtype)
+        labels = np.zeros(shape, dtype=np.float32)
+        attention_mask = np.zeros(shape, dtype=bool)
+        masked = np.zeros(shape, dtype=bool)
+        if self.train:
+            n_mask = np.maximum(np.rint(kept * self.mask_ratio).astype(np.int64), (kept > 0).astype(np.int64))
+        else:
+            n_mask = np.zeros(len(rows), np.int64)
+        status = kernels.fill_batch(indptr, genes, counts, counts.view(np.uint32), encoded, cell_index, kept_expressed, n_zero,
+                                    np.ascontiguousarray(zeros, dtype=np.int64), n_mask, bool(self.train),
+                                    bool(np.all(lengths <= budget)), _seed_word(self.seed, self.epoch, 1),
+                                    _seed_word(self.seed, self.epoch, 2), encoding.mask_value_id,
+                                    gene_ids, values, labels, attention_mask, masked)
+        if status:
+            return None
+        batch = {"gene_ids": gene_ids, "values": values, "attention_mask": attention_mask,
+                 "condition_ids": np.stack([np.asarray(x["conditions"], dtype=np.int64) for x in rows])}
+        if self.train:
             batch.update(masked_positions=masked, labels=labels)
             if self.decode_genes:
                 batch.update(self._whole_cell_targets(rows, genes, counts, indptr))

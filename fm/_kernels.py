@@ -1,0 +1,333 @@
+"""Compiled (numba) kernels for the collator's hot path: per-cell binning, gene selection, masking, padding.
+
+Optional: with numba installed (`pip install scfm[fast]`) `fm.binning.bin_csr` (float32 values) and
+`fm.data.collator.CellCollator` run these per-cell loops; without it (or with ``FM_COLLATOR=numpy`` in
+the environment, or ``fm._kernels.ENABLED = False``) they use their vectorised numpy code. Both paths
+give bit-identical output (tests/test_kernels.py): the kernels redo the numpy path's arithmetic, not an
+approximation of it.
+
+- Binning: scGPT's quantile edges computed as `bin_csr` computes them (numpy's 'linear' quantile, the
+  same float32 differences and float64 interpolation), then each value's (left + right + 1) // 2 by a
+  binary search over the edges. The sorted values are built from a histogram of the small integer
+  counts (most entries of a count cell) merged with the sorted rest: no full sort per cell.
+- Selection and masking: the hashed uniforms of `fm.data.collator.hashed_uniform`, kept as their 53-bit
+  integers (the float is that integer / 2⁵³, so the order is the same), and the k smallest in (key,
+  index) order taken by a bucket pass over the key's top bits — expected O(n), as the keys are uniform.
+
+The first call of a process compiles (cached on disk with cache=True: later processes load the cache).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numba import njit
+
+ENABLED: bool | None = None
+"""None: use the kernels unless FM_COLLATOR=numpy is set; True / False force the choice (tests, benchmarks)."""
+
+
+def enabled() -> bool:
+    if ENABLED is not None:
+        return bool(ENABLED)
+    return os.environ.get("FM_COLLATOR", "").lower() != "numpy"
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_SMALL = 1024  # integer counts below this are histogrammed, not sorted
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _splitmix(x):
+    x = x + _GOLDEN
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    return x ^ (x >> _S31)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hash53(base, cell, position):
+    """hashed_uniform(...) * 2⁵³ as an integer (`base` = splitmix of the seed word)."""
+    h = _splitmix(base ^ np.uint64(cell))
+    return _splitmix(h ^ np.uint64(position)) >> _S11
+
+
+@njit(cache=True, nogil=True)
+def _bin_of(x, edges):
+    """(#edges <= x + #edges < x + 1) // 2 for sorted float64 edges."""
+    n = edges.size
+    lo, hi = 0, n  # first edge > x
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if edges[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    left = lo
+    lo, hi = 0, left  # first edge >= x (<= left)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if edges[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return (left + lo + 1) // 2
+
+
+@njit(cache=True, nogil=True)
+def bin_csr_f32(indptr, values, q, out):
+    """bin_csr for float32 values into `out` (int64). Returns 0, or 1 where a value is NaN, inf or negative
+    (the caller then runs the numpy path, which raises the error)."""
+    n_rows = indptr.size - 1
+    nq = q.size
+    maxlen = 0
+    for i in range(n_rows):
+        maxlen = max(maxlen, indptr[i + 1] - indptr[i])
+    hist = np.zeros(_SMALL, np.int64)
+    table = np.zeros(_SMALL, np.int64)
+    rest = np.empty(maxlen, np.float32)
+    s = np.empty(maxlen, np.float32)
+    edges = np.empty(nq, np.float64)
+    for i in range(n_rows):
+        lo, hi = indptr[i], indptr[i + 1]
+        m = 0
+        nrest = 0
+        vmax = 0
+        for j in range(lo, hi):
+            v = values[j]
+            if not (v >= 0) or v == np.inf:
+                for k in range(vmax + 1):
+                    hist[k] = 0
+                return 1
+            if v > 0:
+                m += 1
+                if v < _SMALL and np.int64(v) == v:
+                    k = np.int64(v)
+                    hist[k] += 1
+                    if k > vmax:
+                        vmax = k
+                else:
+                    rest[nrest] = v
+                    nrest += 1
+        if m == 0:
+            for j in range(lo, hi):
+                out[j] = 0
+            continue
+        rs = np.sort(rest[:nrest])
+        p = 0
+        r = 0
+        for k in range(1, vmax + 1):
+            c = hist[k]
+            if c:
+                fk = np.float32(k)
+                while r < nrest and rs[r] < fk:
+                    s[p] = rs[r]
+                    p += 1
+                    r += 1
+                for _ in range(c):
+                    s[p] = fk
+                    p += 1
+        while r < nrest:
+            s[p] = rs[r]
+            p += 1
+            r += 1
+        # numpy's 'linear' quantile, as fm.binning._bin_block computes it
+        last = np.float64(m - 1)
+        for e in range(nq):
+            virtual = last * q[e]
+            prev_f = np.floor(virtual)
+            gamma = virtual - prev_f
+            if virtual >= last:
+                a = s[m - 1]
+                b = a
+            else:
+                ip = np.int64(prev_f)
+                a = s[ip]
+                b = s[ip + 1]
+            diff = np.float32(b - a)
+            if gamma >= 0.5:
+                edges[e] = np.float64(b) - np.float64(diff) * (1.0 - gamma)
+            else:
+                edges[e] = np.float64(a) + np.float64(diff) * gamma
+        for k in range(1, vmax + 1):
+            if hist[k]:
+                table[k] = _bin_of(np.float64(k), edges)
+                hist[k] = 0
+        for j in range(lo, hi):
+            v = values[j]
+            if v <= 0:
+                out[j] = 0
+            elif v < _SMALL and np.int64(v) == v:
+                out[j] = table[np.int64(v)]
+            else:
+                out[j] = _bin_of(np.float64(v), edges)
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _smallest(keys, n, k, out, count, perm, sk):
+    """out[:k] = indices of the k smallest keys[:n] (53-bit uniform integers), in (key, index) order;
+    returns whether two of the keys sorted there are equal.
+
+    A stable scatter into ~n buckets by the key's top bits leaves every key within its bucket of its
+    sorted place, so one insertion sort pass over the scattered keys finishes the order with almost no
+    moves (and few mispredicted branches). `count` needs >= n + 2 entries (power-of-two bucket count
+    <= 2·n), `perm` and `sk` n each."""
+    if k <= 0:
+        return False
+    bits = 0
+    while (1 << bits) < n:
+        bits += 1
+    nb = 1 << bits
+    shift = np.uint64(53 - bits)
+    for b in range(nb + 1):
+        count[b] = 0
+    for i in range(n):
+        count[np.int64(keys[i] >> shift) + 1] += 1
+    for b in range(nb):
+        count[b + 1] += count[b]
+    for i in range(n):
+        key = keys[i]
+        b = np.int64(key >> shift)
+        pos = count[b]
+        sk[pos] = key
+        perm[pos] = i
+        count[b] = pos + 1
+    # only the buckets up to the one holding sorted position k - 1 matter
+    last = k
+    while last < n and (sk[last] >> shift) == (sk[k - 1] >> shift):
+        last += 1
+    tie = False
+    for x in range(1, last):
+        v = sk[x]
+        if sk[x - 1] >= v:
+            if sk[x - 1] == v:
+                tie = True
+                continue
+            i = perm[x]
+            y = x - 1
+            while y >= 0 and sk[y] > v:
+                sk[y + 1] = sk[y]
+                perm[y + 1] = perm[y]
+                y -= 1
+            if y >= 0 and sk[y] == v:
+                tie = True
+            sk[y + 1] = v
+            perm[y + 1] = i
+    for x in range(k):
+        out[x] = perm[x]
+    return tie
+
+
+@njit(cache=True, nogil=True)
+def fill_batch(indptr, genes, counts, count_bits, encoded, cell_index, kept_expressed, n_zero, zero_genes, n_mask,
+               train, all_fit, sample_base, mask_base, mask_value,
+               gene_ids, values, labels, attention, masked):
+    """The collator's batch after value encoding: choose each cell's expressed genes, append its zero genes,
+    mask, write the padded rows (pre-filled with pad values). Returns 0, or 1 where inference meets a count
+    that is NaN or negative (the caller then runs the numpy path)."""
+    n_rows = indptr.size - 1
+    maxlen = 1
+    maxkept = 1
+    for i in range(n_rows):
+        maxlen = max(maxlen, indptr[i + 1] - indptr[i])
+        maxkept = max(maxkept, kept_expressed[i] + n_zero[i])
+    keys = np.empty(max(maxlen, maxkept), np.uint64)
+    count = np.empty(2 * max(maxlen, maxkept) + 2, np.int64)
+    perm = np.empty(max(maxlen, maxkept), np.int64)
+    sk = np.empty(max(maxlen, maxkept), np.uint64)
+    sel = np.empty(max(maxlen, maxkept), np.int64)
+    msel = np.empty(max(maxlen, maxkept), np.int64)
+    colof = np.full(maxlen, -1, np.int64)
+    tokcol = np.empty(maxkept, np.int64)
+    zoff = 0
+    for i in range(n_rows):
+        lo, hi = indptr[i], indptr[i + 1]
+        n = hi - lo
+        ke = kept_expressed[i]
+        nz = n_zero[i]
+        cell = cell_index[i]
+        # --- which expressed genes, in which column
+        if train and all_fit:
+            for c in range(n):
+                sel[c] = c
+        elif train:
+            for p in range(n):
+                keys[p] = _hash53(sample_base, cell, p)
+            _smallest(keys, n, ke, sel, count, perm, sk)
+        else:
+            for p in range(n):
+                v = counts[lo + p]
+                g = genes[lo + p]
+                if not (v >= 0) or g < 0 or g >= 1 << 32:
+                    return 1
+                bits = np.uint64(count_bits[lo + p])
+                if v == 0:  # -0.0 orders as 0.0
+                    bits = np.uint64(0)
+                keys[p] = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | np.uint64(g)
+            order = np.argsort(keys[:n], kind="mergesort")
+            for c in range(ke):
+                sel[c] = order[c]
+        for c in range(ke):
+            j = lo + sel[c]
+            gene_ids[i, c] = genes[j]
+            values[i, c] = encoded[j]
+            labels[i, c] = encoded[j]
+            attention[i, c] = True
+        for z in range(nz):
+            c = ke + z
+            gene_ids[i, c] = zero_genes[zoff + z]
+            values[i, c] = 0
+            labels[i, c] = 0
+            attention[i, c] = True
+        # --- masking: the n_mask smallest hashed (cell, gene) keys, ties by token order (kept expressed genes
+        # in their row order, then zero genes)
+        if train and n_mask[i] > 0:
+            # keys in column order (tie-break = column); the numpy path breaks ties by token order (kept
+            # expressed genes in row order, then zero genes), so a tie (two equal 53-bit hashes) where the two
+            # orders differ reruns in token order
+            t = ke + nz
+            nm = min(n_mask[i], t)  # mask_ratio > 1: every token
+            for c in range(ke):
+                keys[c] = _hash53(mask_base, cell, genes[lo + sel[c]])
+                tokcol[c] = c
+            for z in range(nz):
+                keys[ke + z] = _hash53(mask_base, cell, zero_genes[zoff + z])
+                tokcol[ke + z] = ke + z
+            if not (ke == n and _identity(sel, ke)):
+                tie = _smallest(keys, t, nm, msel, count, perm, sk)
+                if tie:
+                    for c in range(ke):
+                        colof[sel[c]] = c
+                    t = 0
+                    for p in range(n):
+                        c = colof[p]
+                        if c >= 0:
+                            keys[t] = _hash53(mask_base, cell, genes[lo + p])
+                            tokcol[t] = c
+                            t += 1
+                            colof[p] = -1
+                    for z in range(nz):
+                        keys[t] = _hash53(mask_base, cell, zero_genes[zoff + z])
+                        tokcol[t] = ke + z
+                        t += 1
+                    _smallest(keys, t, nm, msel, count, perm, sk)
+            else:
+                _smallest(keys, t, nm, msel, count, perm, sk)
+            for x in range(nm):
+                c = tokcol[msel[x]]
+                masked[i, c] = True
+                values[i, c] = mask_value
+        zoff += nz
+    return 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _identity(sel, k):
+    for c in range(k):
+        if sel[c] != c:
+            return False
+    return True

@@ -1,0 +1,147 @@
+"""The compiled collator kernels (fm._kernels, numba) give exactly the numpy path's output."""
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from fm import _kernels  # noqa: E402
+from fm.binning import _bin_csr_numpy, bin_csr, compiled_kernels  # noqa: E402
+from fm.data.collator import CellCollator, LabeledCellCollator  # noqa: E402
+from fm.tokenizer import CellTokenizer  # noqa: E402
+
+from conftest import is_real  # noqa: E402
+
+
+@pytest.fixture()
+def force(monkeypatch):
+    """force(True / False): the compiled path on / off for the calls that follow."""
+    def set_(on: bool):
+        monkeypatch.setattr(_kernels, "ENABLED", on)
+    return set_
+
+
+@pytest.fixture(scope="module")
+def real_cells(small_h5ad_path, batch_h5ad_path, citeseq_h5ad_path):
+    """Rows of pbmc3k, Kang and CITE-seq (36k genes: long cells that fill max_genes), 300 cells each."""
+    out = {}
+    for name, path in (("pbmc3k", small_h5ad_path), ("kang", batch_h5ad_path), ("citeseq", citeseq_h5ad_path)):
+        tok = CellTokenizer(gene_key="gene_ids") if name == "citeseq" and is_real(path) else CellTokenizer()
+        cells = tok.encode(ad.read_h5ad(path)[:300].copy())
+        out[name] = [cells[i] for i in range(len(cells))]
+    return out
+
+
+def _both(force, fn):
+    force(False)
+    a = fn()
+    force(True)
+    b = fn()
+    return a, b
+
+
+def test_switch(monkeypatch):
+    monkeypatch.setattr(_kernels, "ENABLED", None)
+    monkeypatch.setenv("FM_COLLATOR", "numpy")
+    assert compiled_kernels() is None
+    monkeypatch.delenv("FM_COLLATOR")
+    assert compiled_kernels() is _kernels
+
+
+def test_bin_csr_compiled_equals_numpy_on_real_cells(real_cells, force):
+    for rows in real_cells.values():
+        indptr = np.concatenate([[0], np.cumsum([len(r["counts"]) for r in rows])])
+        counts = np.concatenate([r["counts"] for r in rows]).astype(np.float32)
+        numpy_bins, compiled = _both(force, lambda: bin_csr(indptr, counts))
+        np.testing.assert_array_equal(numpy_bins, _bin_csr_numpy(indptr, counts))
+        np.testing.assert_array_equal(compiled, numpy_bins)
+        # log1p-normalised values (no integer histogram), odd bin counts
+        lognorm = np.log1p(counts * np.float32(1.7)).astype(np.float32)
+        for n_bins in (2, 3, 51, 101):
+            a, b = _both(force, lambda: bin_csr(indptr, lognorm, n_bins))
+            np.testing.assert_array_equal(a, b)
+
+
+def test_bin_csr_compiled_edge_cases(force):
+    rng = np.random.default_rng(0)
+    rows = [np.zeros(5), np.array([3.0]), np.array([0.0, -0.0, 2.0, 0.0]), np.array([1e9, 1e9, 1.0, 2048.0, 0.5]),
+            rng.integers(0, 5000, 800).astype(float), rng.gamma(0.3, 50, 3000).round(), np.ones(7), np.zeros(0),
+            rng.random(60) * 1e-30]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    values = np.concatenate(rows).astype(np.float32)
+    a, b = _both(force, lambda: bin_csr(indptr, values, 51))
+    np.testing.assert_array_equal(a, b)
+    for bad in (np.nan, np.inf, -1.0):
+        v = values.copy()
+        v[7] = bad
+        with pytest.raises(ValueError):
+            bin_csr(indptr, v, 51)  # the compiled path hands invalid values to the numpy checks
+
+
+def _assert_same(a: dict, b: dict):
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.equal(a[key], b[key]), key
+
+
+OPTIONS = [
+    dict(),
+    dict(max_genes=64),  # every long cell sampled
+    dict(seed=3, epoch=2, mask_ratio=0.15),
+    dict(zero_fraction=0.25, seed=1),
+    dict(zero_fraction=0.1, max_genes=300, seed=9, epoch=1),
+    dict(train=False),
+    dict(train=False, max_genes=64),
+    dict(train=False, zero_fraction=0.25),
+    dict(views=2, view_keep=0.6, view_thinning=0.3, seed=4),
+    dict(views=3, max_genes=128, decode_genes=40, zero_fraction=0.2, seed=5),
+    dict(decode_genes=32, seed=6),
+    dict(value_encoding="continuous", max_genes=100),
+    dict(value_encoding="rank", max_genes=100, train=False),
+    dict(value_encoding="bin_values", max_genes=100),
+    dict(n_bins=11, pad_to_multiple_of=1, pad_token_id=3),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=[",".join(f"{k}={v}" for k, v in o.items()) or "default"
+                                                  for o in OPTIONS])
+def test_collator_compiled_equals_numpy(real_cells, force, options):
+    col = CellCollator(**{"max_genes": 1200, **options})
+    for rows in real_cells.values():
+        for start in (0, 37, 150):
+            batch = rows[start:start + 32]
+            _assert_same(*_both(force, lambda: col(batch)))
+        _assert_same(*_both(force, lambda: col(rows[5:6])))  # a batch of one cell
+
+
+def test_labeled_and_geneformer_collators(real_cells, force):
+    rows = [{**r, "label": i % 3} for i, r in enumerate(real_cells["pbmc3k"][:40])]
+    for col in (LabeledCellCollator(max_genes=100, zero_fraction=0.2),
+                LabeledCellCollator(max_genes=100, train=True, targets={"label": "y"})):
+        _assert_same(*_both(force, lambda: col(rows)))
+    medians = np.random.default_rng(0).random(200_000) + 0.1
+    col = CellCollator(max_genes=100, value_encoding="geneformer", gene_medians=medians)  # numpy path both times
+    _assert_same(*_both(force, lambda: col(rows)))
+
+
+def test_inference_nan_count_falls_back(real_cells, force):
+    row = dict(real_cells["pbmc3k"][0])
+    row["counts"] = row["counts"].copy()
+    row["counts"][0] = np.nan
+    col = CellCollator(max_genes=50, train=False, value_encoding="continuous")
+    _assert_same(*_both(force, lambda: col([row])))
+
+
+def test_smallest_with_ties_matches_lexsort():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100, 2245):
+        for k in {1, n // 2 + 1, n}:
+            keys = rng.integers(0, 2**53, n).astype(np.uint64)
+            keys[rng.integers(0, n, n // 3)] = keys[rng.integers(0, n, n // 3)]  # ties
+            keys[: n // 4] &= np.uint64(0xFFF)  # crowded low buckets
+            out, count, perm, sk = (np.empty(n, np.int64), np.empty(2 * n + 2, np.int64), np.empty(n, np.int64),
+                                    np.empty(n, np.uint64))
+            _kernels._smallest(keys, n, k, out, count, perm, sk)
+            np.testing.assert_array_equal(out[:k], np.lexsort((np.arange(n), keys))[:k])
