@@ -331,3 +331,302 @@ def _identity(sel, k):
         if sel[c] != c:
             return False
     return True
+
+
+# ----------------------------------------------------------------------------- fused: bin + select + mask + pad
+_NSUB = 4  # sub-histograms: consecutive entries count into different ones (no store-to-load chain on repeated 1s)
+
+
+@njit(cache=True, nogil=True)
+def _cell_edges(hist, vmax, rest, nrest, m, s, q, edges):
+    """scGPT's quantile edges (numpy's 'linear' quantile, as fm.binning._bin_block computes it) of a cell's m
+    positive values: the integer ones counted in hist[1..vmax], the others in rest[:nrest] (unsorted)."""
+    nq = q.size
+    last = np.float64(m - 1)
+    if nrest == 0:
+        # only integer counts: the value at a sorted rank read from the cumulative histogram, by a cursor that only
+        # moves forward (ranks asked for are non-decreasing, except a repeat of the previous edge's pair)
+        k = 0
+        cum = 0  # values <= k
+        prev_ip = -1
+        a = np.float32(0)
+        b = np.float32(0)
+        for e in range(nq):
+            virtual = last * q[e]
+            prev_f = np.floor(virtual)
+            gamma = virtual - prev_f
+            if virtual >= last:
+                a = np.float32(vmax)
+                b = a
+                prev_ip = -1
+            else:
+                ip = np.int64(prev_f)
+                if ip != prev_ip:
+                    while cum <= ip:
+                        k += 1
+                        cum += hist[k]
+                    a = np.float32(k)
+                    if cum > ip + 1:
+                        b = a
+                    else:  # the next nonzero count after k (the cursor stays: the next edge may ask for ip + 1)
+                        k2 = k + 1
+                        while hist[k2] == 0:
+                            k2 += 1
+                        b = np.float32(k2)
+                    prev_ip = ip
+            diff = np.float32(b - a)
+            if gamma >= 0.5:
+                edges[e] = np.float64(b) - np.float64(diff) * (1.0 - gamma)
+            else:
+                edges[e] = np.float64(a) + np.float64(diff) * gamma
+        return
+    rs = np.sort(rest[:nrest])
+    p = 0
+    r = 0
+    for k in range(1, vmax + 1):
+        c = hist[k]
+        if c:
+            fk = np.float32(k)
+            while r < nrest and rs[r] < fk:
+                s[p] = rs[r]
+                p += 1
+                r += 1
+            for _ in range(c):
+                s[p] = fk
+                p += 1
+    while r < nrest:
+        s[p] = rs[r]
+        p += 1
+        r += 1
+    for e in range(nq):
+        virtual = last * q[e]
+        prev_f = np.floor(virtual)
+        gamma = virtual - prev_f
+        if virtual >= last:
+            a = s[m - 1]
+            b = a
+        else:
+            ip = np.int64(prev_f)
+            a = s[ip]
+            b = s[ip + 1]
+        diff = np.float32(b - a)
+        if gamma >= 0.5:
+            edges[e] = np.float64(b) - np.float64(diff) * (1.0 - gamma)
+        else:
+            edges[e] = np.float64(a) + np.float64(diff) * gamma
+
+
+@njit(cache=True, nogil=True)
+def _hash_positions(h, n, out):
+    """out[p] = _hash53 of (cell, p) for p < n, h = splitmix(base ^ cell) (a loop of its own: it vectorises)."""
+    for p in range(n):
+        out[p] = _splitmix(h ^ np.uint64(p)) >> _S11
+
+
+@njit(cache=True, nogil=True)
+def _hash_genes(h, genes, n, out):
+    """out[c] = _hash53 of (cell, genes[c]) for c < n, h = splitmix(base ^ cell)."""
+    for c in range(n):
+        out[c] = _splitmix(h ^ np.uint64(genes[c])) >> _S11
+
+
+@njit(cache=True, nogil=True)
+def _threshold(keys, t, nm, count, tmp):
+    """The nm-th smallest of keys[:t] (0 < nm < t; 53-bit uniform integers) as (T, below, equal): `below` keys
+    are < T, `equal` keys == T, below < nm <= below + equal. A count of the keys' top bits finds T's bucket;
+    only that bucket (~1 key) is sorted."""
+    bits = 0
+    while (1 << bits) < t:
+        bits += 1
+    nb = 1 << bits
+    shift = np.uint64(53 - bits)
+    for b in range(nb):
+        count[b] = 0
+    for c in range(t):
+        count[np.int64(keys[c] >> shift)] += 1
+    cum = 0
+    bucket = 0
+    while cum + count[bucket] < nm:
+        cum += count[bucket]
+        bucket += 1
+    nt = 0
+    for c in range(t):
+        key = keys[c]
+        if np.int64(key >> shift) == bucket:
+            tmp[nt] = key
+            nt += 1
+    for x in range(1, nt):  # insertion sort of the bucket
+        v = tmp[x]
+        y = x - 1
+        while y >= 0 and tmp[y] > v:
+            tmp[y + 1] = tmp[y]
+            y -= 1
+        tmp[y + 1] = v
+    T = tmp[nm - cum - 1]
+    below = cum
+    equal = 0
+    for x in range(nt):
+        if tmp[x] < T:
+            below += 1
+        elif tmp[x] == T:
+            equal += 1
+    return T, below, equal
+
+
+@njit(cache=True, nogil=True)
+def fill_batch_binned(indptr, genes, counts, count_bits, q, cell_index, kept_expressed, n_zero, zero_genes, n_mask,
+                      train, all_fit, sample_base, mask_base, mask_value,
+                      gene_ids, values, labels, attention, masked):
+    """fill_batch with scGPT's binning (bin_csr's values) done inside, per cell: one pass over the cell's counts
+    builds its histogram (and the sampling hashes), the quantile edges come from the histogram, and only the kept
+    genes are binned, written straight into the padded rows. Masking takes the n_mask smallest hashed keys as a
+    set: everything below the n_mask-th smallest key (a bucket count finds it; ties there go by token order).
+    Returns 0; 1 where inference meets a count that is NaN or negative, 2 where a count is NaN, inf or negative
+    (the caller then runs the unfused path, whose checks raise)."""
+    n_rows = indptr.size - 1
+    nq = q.size
+    maxlen = 1
+    maxkept = 1
+    for i in range(n_rows):
+        maxlen = max(maxlen, indptr[i + 1] - indptr[i])
+        maxkept = max(maxkept, kept_expressed[i] + n_zero[i])
+    big = max(maxlen, maxkept)
+    keys = np.empty(big, np.uint64)
+    mkeys = np.empty(maxkept, np.uint64)
+    count = np.empty(2 * big + 2, np.int64)
+    perm = np.empty(big, np.int64)
+    sk = np.empty(big, np.uint64)
+    sel = np.empty(big, np.int64)
+    hist = np.zeros(_NSUB * _SMALL + 1, np.int64)
+    table = np.zeros(_SMALL, np.int64)
+    rest = np.empty(maxlen, np.float32)
+    s = np.empty(maxlen, np.float32)
+    edges = np.empty(nq, np.float64)
+    sampling = train and not all_fit
+    zoff = 0
+    for i in range(n_rows):
+        lo, hi = indptr[i], indptr[i + 1]
+        n = hi - lo
+        ke = kept_expressed[i]
+        nz = n_zero[i]
+        cell = cell_index[i]
+        hs = _splitmix(sample_base ^ np.uint64(cell))
+        hm = _splitmix(mask_base ^ np.uint64(cell))
+        # --- one pass over the cell: validity, histogram of the small integer counts
+        m = 0
+        nrest = 0
+        vmax = 0
+        bad = False
+        for p in range(n):
+            v = counts[lo + p]
+            bad |= not (v >= 0) or v == np.inf
+            if v > 0:
+                m += 1
+                if v < _SMALL and np.int64(v) == v:
+                    k = np.int64(v)
+                    hist[(p & (_NSUB - 1)) * _SMALL + k] += 1
+                    vmax = max(vmax, k)
+                else:
+                    rest[nrest] = v
+                    nrest += 1
+        if bad:
+            return 2
+        # --- the cell's bins: edges, and a bin per integer count up to vmax (edges are sorted: one merge)
+        if m:
+            for k in range(1, vmax + 1):
+                h = hist[k]
+                for u in range(1, _NSUB):
+                    h += hist[u * _SMALL + k]
+                    hist[u * _SMALL + k] = 0
+                hist[k] = h
+            hist[vmax + 1] = 1  # sentinel for _cell_edges' scan (cleared below)
+            _cell_edges(hist, vmax, rest, nrest, m, s, q, edges)
+            hist[vmax + 1] = 0
+            pl = 0
+            pr = 0
+            for k in range(1, vmax + 1):
+                x = np.float64(k)
+                while pl < nq and edges[pl] <= x:
+                    pl += 1
+                while pr < nq and edges[pr] < x:
+                    pr += 1
+                table[k] = (pl + pr + 1) >> 1
+                hist[k] = 0
+        # --- which expressed genes, in which column
+        if sampling:
+            _hash_positions(hs, n, keys)
+            _smallest(keys, n, ke, sel, count, perm, sk)
+        elif not train:
+            for p in range(n):
+                v = counts[lo + p]
+                g = genes[lo + p]
+                if not (v >= 0) or g < 0 or g >= 1 << 32:
+                    return 1
+                bits = np.uint64(count_bits[lo + p])
+                if v == 0:  # -0.0 orders as 0.0
+                    bits = np.uint64(0)
+                keys[p] = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | np.uint64(g)
+            order = np.argsort(keys[:n], kind="mergesort")
+            for c in range(ke):
+                sel[c] = order[c]
+        else:
+            for c in range(ke):
+                sel[c] = c
+        masking = train and n_mask[i] > 0
+        for c in range(ke):
+            j = lo + sel[c]
+            v = counts[j]
+            if not (v > 0) or m == 0:
+                x = 0
+            elif v < _SMALL and np.int64(v) == v:
+                x = table[np.int64(v)]
+            else:
+                x = _bin_of(np.float64(v), edges)
+            g = genes[j]
+            gene_ids[i, c] = g
+            labels[i, c] = x
+            attention[i, c] = True
+            values[i, c] = x
+        for z in range(nz):
+            c = ke + z
+            gene_ids[i, c] = zero_genes[zoff + z]
+            values[i, c] = 0
+            labels[i, c] = 0
+            attention[i, c] = True
+        zoff += nz
+        if masking:
+            _hash_genes(hm, gene_ids[i], ke + nz, mkeys)
+        # --- masking: the n_mask smallest keys (ties by token order: kept expressed genes in row order, then zeros)
+        if masking:
+            t = ke + nz
+            nm = min(n_mask[i], t)  # mask_ratio > 1: every token
+            if nm >= t:
+                for c in range(t):
+                    masked[i, c] = True
+                    values[i, c] = mask_value
+                continue
+            T, below, equal = _threshold(mkeys, t, nm, count, sk)
+            if below + equal == nm:  # every key == T is in
+                for c in range(t):  # branch-free: the hits are random
+                    hit = mkeys[c] <= T
+                    masked[i, c] = hit
+                    values[i, c] = mask_value if hit else values[i, c]
+            else:
+                for c in range(t):
+                    if mkeys[c] < T:
+                        masked[i, c] = True
+                        values[i, c] = mask_value
+                # nm - below of the keys == T, the first in token order (column c's token rank: its row position,
+                # zero genes after every expressed gene)
+                for _ in range(nm - below):
+                    best = -1
+                    best_rank = 0
+                    for c in range(t):
+                        if mkeys[c] == T and not masked[i, c]:
+                            rank = sel[c] if c < ke else n + c
+                            if best < 0 or rank < best_rank:
+                                best = c
+                                best_rank = rank
+                    masked[i, best] = True
+                    values[i, best] = mask_value
+    return 0

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from fm.binning import compiled_kernels
+from fm.binning import _linspace, compiled_kernels
 from fm.preprocessing import TARGET_SUM
-from fm.value_encoding import ValueEncoding, get_value_encoding
+from fm.value_encoding import BinEncoding, BinValueEncoding, ValueEncoding, get_value_encoding
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
@@ -73,6 +73,9 @@ def _rank_within_rows(row: np.ndarray, *keys: np.ndarray) -> tuple[np.ndarray, n
     rank[order] = np.arange(order.size) - starts
     return order, rank
 
+
+_BINNED = {BinEncoding: np.int64, BinValueEncoding: np.float32}
+"""Encodings that are bin_csr's bins (their value dtype): the compiled path bins inside its kernel."""
 
 INFERENCE_SEED = 0
 """Seed of every train=False choice (zero-gene priority): inference is the same whatever a run's seed."""
@@ -243,21 +246,28 @@ class CellCollator:
                 genes, counts, median = genes[ok], counts[ok], median[ok]
                 lengths = np.bincount(row_of[ok], minlength=len(rows)).astype(np.int64)
                 indptr = np.concatenate([[0], np.cumsum(lengths)])
-        encoded = encoding.encode(indptr, counts)  # over the whole cell, before sampling
-        if median is not None:
-            encoded = (encoded / median).astype(encoded.dtype)
-
         zero_slots = int(round(self.zero_fraction * self.max_genes))
-        n_zero = np.array([min(zero_slots, max(len(r.get("panel", ())) - n, 0)) if zero_slots else 0
-                           for r, n in zip(rows, lengths)], dtype=np.int64)
+        if zero_slots:
+            n_zero = np.array([min(zero_slots, max(len(r.get("panel", ())) - n, 0)) for r, n in zip(rows, lengths)],
+                              dtype=np.int64)
+        else:
+            n_zero = np.zeros(len(rows), np.int64)
         budget = self.max_genes - n_zero  # expressed genes a cell keeps
         if self.train and self.view_keep < 1.0:
             budget = np.minimum(budget, np.ceil(lengths * self.view_keep).astype(np.int64))
 
         kernels = compiled_kernels() if median is None else None
+        if kernels is not None and type(encoding) in _BINNED:  # binning fused into the kernel (fill_batch_binned)
+            batch = self._compiled_batch(kernels, rows, lengths, indptr, genes, counts, cell_index, None,
+                                         n_zero, budget, encoding)
+            if batch is not None:
+                return batch
+        encoded = encoding.encode(indptr, counts)  # over the whole cell, before sampling
+        if median is not None:
+            encoded = (encoded / median).astype(encoded.dtype)
         if kernels is not None:  # the compiled per-cell loops (fm._kernels): the same tensors as below
             batch = self._compiled_batch(kernels, rows, lengths, indptr, genes, counts, cell_index, encoded,
-                                         n_zero, budget)
+                                         n_zero, budget, encoding)
             if batch is not None:
                 return batch
 
@@ -306,10 +316,10 @@ class CellCollator:
         return {k: torch.from_numpy(v) for k, v in batch.items()}
 
     def _compiled_batch(self, kernels, rows, lengths, indptr, genes, counts, cell_index, encoded, n_zero,
-                        budget) -> dict[str, torch.Tensor] | None:
+                        budget, encoding) -> dict[str, torch.Tensor] | None:
         """__call__'s selection, zero genes, masking and padding by fm._kernels.fill_batch (None: a count the
-        kernel does not order, e.g. NaN at inference; the numpy path then decides)."""
-        encoding = self.encoding
+        kernel does not order, e.g. NaN at inference; the numpy path then decides). encoded None: scGPT's bins
+        (`encoding` a BinEncoding / BinValueEncoding), computed in the kernel (fill_batch_binned)."""
         kept_expressed = np.minimum(lengths, budget)
         kept = kept_expressed + n_zero
         zeros = self._zero_genes(rows, n_zero, genes, indptr) if n_zero.any() else np.zeros(0, np.int64)
@@ -317,7 +327,7 @@ class CellCollator:
         width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         shape = (len(rows), width)
         gene_ids = np.full(shape, self.pad_token_id, dtype=np.int64)
-        values = np.full(shape, encoding.pad_value_id, dtype=encoded.dtype)
+        values = np.full(shape, encoding.pad_value_id, dtype=_BINNED[type(encoding)] if encoded is None else encoded.dtype)
         labels = np.zeros(shape, dtype=np.float32)
         attention_mask = np.zeros(shape, dtype=bool)
         masked = np.zeros(shape, dtype=bool)
@@ -325,11 +335,15 @@ class CellCollator:
             n_mask = np.maximum(np.rint(kept * self.mask_ratio).astype(np.int64), (kept > 0).astype(np.int64))
         else:
             n_mask = np.zeros(len(rows), np.int64)
-        status = kernels.fill_batch(indptr, genes, counts, counts.view(np.uint32), encoded, cell_index, kept_expressed, n_zero,
-                                    np.ascontiguousarray(zeros, dtype=np.int64), n_mask, bool(self.train),
-                                    bool(np.all(lengths <= budget)), _seed_word(self.seed, self.epoch, 1),
-                                    _seed_word(self.seed, self.epoch, 2), encoding.mask_value_id,
-                                    gene_ids, values, labels, attention_mask, masked)
+        if encoded is None:
+            fill, data = kernels.fill_batch_binned, _linspace(encoding.n_bins)
+        else:
+            fill, data = kernels.fill_batch, encoded
+        status = fill(indptr, genes, counts, counts.view(np.uint32), data, cell_index, kept_expressed, n_zero,
+                      np.ascontiguousarray(zeros, dtype=np.int64), n_mask, bool(self.train),
+                      bool(np.all(lengths <= budget)), _seed_word(self.seed, self.epoch, 1),
+                      _seed_word(self.seed, self.epoch, 2), encoding.mask_value_id,
+                      gene_ids, values, labels, attention_mask, masked)
         if status:
             return None
         batch = {"gene_ids": gene_ids, "values": values, "attention_mask": attention_mask,
