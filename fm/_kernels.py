@@ -474,6 +474,44 @@ def _threshold(keys, t, nm, count, tmp):
 
 
 @njit(cache=True, nogil=True)
+def _mask_row(mkeys, t, n_mask, sel, ke, n, count, tmp, masked, values, mask_value):
+    """Mask the min(n_mask, t) tokens of a row with the smallest keys mkeys[:t] (columns: ke kept expressed genes,
+    sel[c] the row position of column c's gene, then zero genes); equal keys go by token order (expressed genes
+    by row position, then zero genes), the numpy path's order."""
+    nm = min(n_mask, t)  # mask_ratio > 1: every token
+    if nm <= 0:
+        return
+    if nm >= t:
+        for c in range(t):
+            masked[c] = True
+            values[c] = mask_value
+        return
+    T, below, equal = _threshold(mkeys, t, nm, count, tmp)
+    if below + equal == nm:  # every key == T is in
+        for c in range(t):  # branch-free: the hits are random
+            hit = mkeys[c] <= T
+            masked[c] = hit
+            values[c] = mask_value if hit else values[c]
+        return
+    for c in range(t):
+        if mkeys[c] < T:
+            masked[c] = True
+            values[c] = mask_value
+    # nm - below of the keys == T, the first in token order
+    for _ in range(nm - below):
+        best = -1
+        best_rank = 0
+        for c in range(t):
+            if mkeys[c] == T and not masked[c]:
+                rank = sel[c] if c < ke else n + c
+                if best < 0 or rank < best_rank:
+                    best = c
+                    best_rank = rank
+        masked[best] = True
+        values[best] = mask_value
+
+
+@njit(cache=True, nogil=True)
 def fill_batch_binned(indptr, genes, counts, count_bits, q, cell_index, kept_expressed, n_zero, zero_genes, n_mask,
                       train, all_fit, sample_base, mask_base, mask_value,
                       gene_ids, values, labels, attention, masked):
@@ -598,35 +636,5 @@ def fill_batch_binned(indptr, genes, counts, count_bits, q, cell_index, kept_exp
             _hash_genes(hm, gene_ids[i], ke + nz, mkeys)
         # --- masking: the n_mask smallest keys (ties by token order: kept expressed genes in row order, then zeros)
         if masking:
-            t = ke + nz
-            nm = min(n_mask[i], t)  # mask_ratio > 1: every token
-            if nm >= t:
-                for c in range(t):
-                    masked[i, c] = True
-                    values[i, c] = mask_value
-                continue
-            T, below, equal = _threshold(mkeys, t, nm, count, sk)
-            if below + equal == nm:  # every key == T is in
-                for c in range(t):  # branch-free: the hits are random
-                    hit = mkeys[c] <= T
-                    masked[i, c] = hit
-                    values[i, c] = mask_value if hit else values[i, c]
-            else:
-                for c in range(t):
-                    if mkeys[c] < T:
-                        masked[i, c] = True
-                        values[i, c] = mask_value
-                # nm - below of the keys == T, the first in token order (column c's token rank: its row position,
-                # zero genes after every expressed gene)
-                for _ in range(nm - below):
-                    best = -1
-                    best_rank = 0
-                    for c in range(t):
-                        if mkeys[c] == T and not masked[i, c]:
-                            rank = sel[c] if c < ke else n + c
-                            if best < 0 or rank < best_rank:
-                                best = c
-                                best_rank = rank
-                    masked[i, best] = True
-                    values[i, best] = mask_value
+            _mask_row(mkeys, ke + nz, n_mask[i], sel, ke, n, count, sk, masked[i], values[i], mask_value)
     return 0

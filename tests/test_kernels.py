@@ -145,3 +145,29 @@ def test_smallest_with_ties_matches_lexsort():
                                     np.empty(n, np.uint64))
             _kernels._smallest(keys, n, k, out, count, perm, sk)
             np.testing.assert_array_equal(out[:k], np.lexsort((np.arange(n), keys))[:k])
+
+
+def test_mask_row_threshold_with_ties_matches_token_order():
+    """fill_batch_binned's masking (a threshold, not a sort) takes the numpy path's set: the n_mask smallest keys,
+    equal keys by token order (expressed genes by row position, then zero genes), also where ties straddle it."""
+    rng = np.random.default_rng(1)
+    for t in (1, 2, 5, 64, 1200, 1700):
+        for trial in range(6):
+            ke = t if trial % 2 else int(rng.integers(0, t + 1))
+            n = ke + int(rng.integers(0, 50))
+            sel = np.sort(rng.choice(n, ke, replace=False)) if trial % 3 == 0 else rng.choice(n, ke, replace=False)
+            sel = np.concatenate([sel, np.zeros(t - ke, np.int64)]).astype(np.int64)
+            keys = rng.integers(0, 2**53, t).astype(np.uint64)
+            if trial >= 2:  # many ties, some at the threshold
+                keys = rng.integers(0, 2**53, max(t // 7, 1)).astype(np.uint64)[rng.integers(0, max(t // 7, 1), t)]
+            if trial >= 4:
+                keys &= np.uint64(0xFFFF)  # crowded low buckets
+            for n_mask in {1, t // 3 + 1, t - 1, t, t + 5}:
+                masked, values = np.zeros(t, bool), np.arange(t, dtype=np.int64)
+                count, tmp = np.empty(2 * t + 2, np.int64), np.empty(t, np.uint64)
+                _kernels._mask_row(keys, t, n_mask, sel, ke, n, count, tmp, masked, values, -7)
+                token_rank = np.where(np.arange(t) < ke, sel, n + np.arange(t))
+                want = np.zeros(t, bool)
+                want[np.lexsort((token_rank, keys))[:min(n_mask, t)]] = True
+                np.testing.assert_array_equal(masked, want)
+                np.testing.assert_array_equal(values, np.where(want, -7, np.arange(t)))
