@@ -77,6 +77,16 @@ def _rank_within_rows(row: np.ndarray, *keys: np.ndarray) -> tuple[np.ndarray, n
 _BINNED = {BinEncoding: np.int64, BinValueEncoding: np.float32}
 """Encodings that are bin_csr's bins (their value dtype): the compiled path bins inside its kernel."""
 
+
+
+def _conditions(rows: list[dict]) -> np.ndarray:
+    """np.stack of the rows' condition ids (int64); np.array builds the same array from equal shapes ~3x faster."""
+    try:
+        return np.array([x["conditions"] for x in rows], dtype=np.int64)
+    except ValueError:
+        return np.stack([np.asarray(x["conditions"], dtype=np.int64) for x in rows])
+
+
 INFERENCE_SEED = 0
 """Seed of every train=False choice (zero-gene priority): inference is the same whatever a run's seed."""
 
@@ -231,8 +241,8 @@ class CellCollator:
             return self._stacked_views(rows)
         lengths = np.array([len(r["gene_ids"]) for r in rows], dtype=np.int64)  # may shrink: gene_medians
         indptr = np.concatenate([[0], np.cumsum(lengths)])
-        genes = np.concatenate([r["gene_ids"] for r in rows]).astype(np.int64)
-        counts = np.concatenate([r["counts"] for r in rows]).astype(np.float32)
+        genes = np.concatenate([r["gene_ids"] for r in rows], dtype=np.int64, casting="unsafe")
+        counts = np.concatenate([r["counts"] for r in rows], dtype=np.float32, casting="unsafe")
         cell_index = np.array([r["index"] for r in rows], dtype=np.int64)
         encoding = self.encoding
         median = None
@@ -302,7 +312,7 @@ class CellCollator:
         gene_ids[r, c], values[r, c], labels[r, c], attention_mask[r, c] = g, b, b, True
 
         batch = {"gene_ids": gene_ids, "values": values, "attention_mask": attention_mask,
-                 "condition_ids": np.stack([np.asarray(x["conditions"], dtype=np.int64) for x in rows])}
+                 "condition_ids": _conditions(rows)}
         if self.train:
             n_mask = np.maximum(np.rint(kept * self.mask_ratio).astype(np.int64), (kept > 0).astype(np.int64))
             mkey = hashed_uniform(self.seed, self.epoch, cell_index[r], g, salt=2)
@@ -347,7 +357,7 @@ class CellCollator:
         if status:
             return None
         batch = {"gene_ids": gene_ids, "values": values, "attention_mask": attention_mask,
-                 "condition_ids": np.stack([np.asarray(x["conditions"], dtype=np.int64) for x in rows])}
+                 "condition_ids": _conditions(rows)}
         if self.train:
             batch.update(masked_positions=masked, labels=labels)
             if self.decode_genes:
