@@ -14,6 +14,10 @@ approximation of it.
   integers (the float is that integer / 2⁵³, so the order is the same), and the k smallest in (key,
   index) order taken by a bucket pass over the key's top bits — expected O(n), as the keys are uniform.
 
+- `fill_batch_binned` (the `bins` / `bin_values` encodings): the binning above done per cell inside the batch
+  kernel (edges read from the histogram, only kept genes binned, written into the padded rows), and masking as
+  a threshold selection (`_mask_row`) instead of a sort.
+
 The first call of a process compiles (cached on disk with cache=True: later processes load the cache).
 """
 from __future__ import annotations
