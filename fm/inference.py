@@ -7,8 +7,8 @@ genes from a hash of the cell, never from a training seed), runs `fn` on each pa
 mode, and restores the mode after. Memory grows with the output only.
 
 Length bucketing: within a chunk, cells are batched in order of their token count (the collator's
-`token_counts`, from indptr alone), so a batch pads to a length its cells nearly share (pbmc3k: 37 %
-padding tokens unbucketed → < 1 %); results are written back to the cells' own rows. A cell's
+`token_counts`, from indptr alone), so a batch pads to a length its cells nearly share (pbmc3k: 27 %
+padding tokens unbucketed → 0.6 %); results are written back to the cells' own rows. A cell's
 output does not depend on its batch beyond float rounding: on CPU, SDPA's kernels reduce over the
 padded key length, so the same cell padded to another width differs in the last bits (≤ 1e-6
 relative) — true before bucketing too (batch_size 64 vs 1). Outputs are bitwise deterministic for
