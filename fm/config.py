@@ -124,6 +124,9 @@ class DataConfig:
     """DataLoader worker processes (0 = in the training process)."""
     shuffle_buffer: int = 100_000
     """Corpus streaming: cells shuffled together per rank (costs one index each; data stays memory-mapped)."""
+    length_grouping: bool = True
+    """Training batches of cells of similar length (megabatches of 50 batches sorted by token count, batch order
+    shuffled; a corpus sorts within its stream): far less padding, same cells per epoch (eval/perf/RESULTS.md)."""
     probes: list[str] = field(default_factory=list)
     """Labelled h5ad files ('file' or 'file::obs_label_column', '${FM_DATA_DIR}' expands) whose embedding
     quality is logged at the start, every train.eval_every and at the end, beside a random-init twin's

@@ -5,6 +5,14 @@ and the one writer of per-cell label outputs.
 tokenizer, chooses genes as at inference (deterministic: a cell's most expressed genes, its zero
 genes from a hash of the cell, never from a training seed), runs `fn` on each padded batch in eval
 mode, and restores the mode after. Memory grows with the output only.
+
+Length bucketing: within a chunk, cells are batched in order of their token count (the collator's
+`token_counts`, from indptr alone), so a batch pads to a length its cells nearly share (pbmc3k: 27 %
+padding tokens unbucketed → 0.6 %); results are written back to the cells' own rows. A cell's
+output does not depend on its batch beyond float rounding: on CPU, SDPA's kernels reduce over the
+padded key length, so the same cell padded to another width differs in the last bits (≤ 1e-6
+relative) — true before bucketing too (batch_size 64 vs 1). Outputs are bitwise deterministic for
+a given input, chunk_size and batch_size.
 """
 from __future__ import annotations
 
@@ -28,31 +36,36 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def inference_collator(model):
-    """The collator a model is used with at inference, built from its own config."""
-    from fm.data.collator import CellCollator, collator_settings
+def inference_collator(model, device=None):
+    """The collator a model is used with at inference, built from its own config; widths rounded for
+    `device` (default: the model's)."""
+    from fm.data.collator import CellCollator, collator_settings, pad_multiple
 
-    return CellCollator(**collator_settings(model.config), train=False)
+    return CellCollator(**collator_settings(model.config), train=False,
+                        pad_to_multiple_of=pad_multiple(device or model_device(model)))
 
 
 def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, width: int, batch_size: int = 64,
                 chunk_size: int = 4096, progress: bool = False, drop_empty: bool = False,
-                desc: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Stream `adata` through `model`: `fn(model, batch)` → (B, width) tensor per batch.
+                desc: str = "", bucket: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Stream `adata` through `model`: `fn(model, batch)` → (B, width) tensor per batch, row i of it
+    belonging to the batch's i-th cell (any per-cell output of a fixed width: embeddings, class scores,
+    per-gene predictions over a fixed gene list).
 
     Returns (out (n_obs, width) float32, kept (n_obs,) bool). drop_empty: cells without any
     vocabulary gene are skipped instead of being an error; their rows stay 0 and kept False.
+    bucket: batch a chunk's cells by token count (ties in row order) instead of in row order.
     """
     tokenizer = getattr(model, "cell_tokenizer", None)
     if tokenizer is None:
         raise ValueError("model has no cell_tokenizer: load it with fm.load(directory)")
     tokenizer = tokenizer.for_config(model.config)  # never feed the model genes its gene table lacks
-    collator = inference_collator(model)
+    device = model_device(model)
+    collator = inference_collator(model, device)
     out = np.zeros((adata.n_obs, width), dtype=np.float32)
     keep = np.zeros(adata.n_obs, dtype=bool)
     was_training = model.training
     model.eval()
-    device = model_device(model)
     bar = tqdm(total=adata.n_obs, disable=not progress, desc=desc)
     name_to_row = None
     try:
@@ -64,10 +77,13 @@ def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, wid
                     rows = np.array([name_to_row[n] for n in part.obs_names])
                 else:
                     rows = rows + int(keep.sum())
+                # cells of similar length batched together (stable: equal lengths keep row order)
+                order = np.argsort(collator.token_counts(part), kind="stable") if bucket else np.arange(len(part))
                 for lo in range(0, len(part), batch_size):
-                    batch = collator([part[i] for i in range(lo, min(lo + batch_size, len(part)))])
+                    cells = order[lo:lo + batch_size]
+                    batch = collator([part[i] for i in cells])
                     result = fn(model, {k: v.to(device) for k, v in batch.items()})
-                    out[rows[lo:lo + len(result)]] = result.float().cpu().numpy()
+                    out[rows[cells[:len(result)]]] = result.float().cpu().numpy()
                 keep[rows] = True
                 bar.update(len(part))
     finally:

@@ -144,7 +144,8 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
                             view_thinning=cfg.data.view_thinning)
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells,
                  export=export_pretrained(tokenizer), resume=resume, accelerator=accelerator,
-                 num_workers=cfg.data.num_workers, callbacks=quality_monitors(cfg, tokenizer))
+                 num_workers=cfg.data.num_workers, callbacks=quality_monitors(cfg, tokenizer),
+                 length_grouping=cfg.data.length_grouping)
 
 
 def quality_monitors(cfg: RunConfig, tokenizer: CellTokenizer) -> list:

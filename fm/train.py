@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from fm.config import TrainConfig
+from fm.data.collator import pad_multiple
 from fm.early_stopping import EarlyStopping
 from fm.precision import resolve_mixed_precision
 from fm.train_state import (CHECKPOINTS, EXIT_PREEMPTED, STATE_FILE, StopSignal, append_history, latest_checkpoint,
@@ -65,14 +66,72 @@ class ShardedBatchSampler(Sampler[list[int]]):
             yield order[lo:lo + self.batch_size].tolist()
 
 
+MEGABATCH = 50
+"""Length grouping sorts cells within megabatches of this many (global) batches (Hugging Face's
+LengthGroupedSampler uses 50): batches of nearly one length, still random in which cells meet."""
+
+
+class LengthGroupedBatchSampler(ShardedBatchSampler):
+    """ShardedBatchSampler whose global batches hold cells of similar length (less padding).
+
+    The (seed, epoch) permutation (the same one ShardedBatchSampler draws, so the same cells are
+    dropped) is cut into megabatches of MEGABATCH global batches; each is sorted by length (longest
+    first, ties in permutation order) and cut into global batches; the order of all global batches
+    is then shuffled (seed, epoch) and the one holding the longest cell goes first, so an
+    out-of-memory batch shows at step 1. Rank r takes cells r, r + world, … of each sorted global
+    batch, so every rank pads to nearly the same width. A function of (seed, epoch, global batch)
+    only: `start_batch` lands on the same batches, and a 2-process run sees the global batches of a
+    1-process run with twice the batch."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
+                 epoch: int = 0, start_batch: int = 0, megabatch: int = MEGABATCH):
+        super().__init__(len(lengths), batch_size, world, rank, seed, epoch, start_batch)
+        self.lengths, self.megabatch = np.asarray(lengths, dtype=np.int64), max(int(megabatch), 1)
+
+    def global_batches(self) -> np.ndarray:
+        """(global micro-batches in the epoch, batch_size × world) cell indices, in training order."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        global_batch = self.batch_size * self.world
+        n_batches = self.n // global_batch
+        order = rng.permutation(self.n)[:n_batches * global_batch]
+        step = self.megabatch * global_batch
+        parts = [mb[np.argsort(-self.lengths[mb], kind="stable")] for mb in
+                 (order[lo:lo + step] for lo in range(0, order.size, step))]
+        batches = np.concatenate(parts).reshape(n_batches, global_batch) if n_batches else order.reshape(0, global_batch)
+        batches = batches[rng.permutation(n_batches)]
+        if n_batches:
+            first = int(np.argmax(self.lengths[batches[:, 0]]))  # sorted: column 0 is each batch's longest
+            batches[[0, first]] = batches[[first, 0]]
+        return batches
+
+    def __iter__(self):
+        batches = self.global_batches()
+        for b in range(self.start_batch, len(batches)):
+            yield batches[b, self.rank::self.world].tolist()
+
+
+def dataset_lengths(dataset, collator) -> np.ndarray | None:
+    """Tokens `collator` gives each cell of an in-memory dataset (EncodedCells, or TaskCells over one), from
+    its indptr; None for datasets that cannot say cheaply (a streamed corpus groups by itself)."""
+    cells = getattr(dataset, "cells", dataset)
+    if not hasattr(cells, "indptr") or not hasattr(collator, "token_counts"):
+        return None
+    return collator.token_counts(cells)
+
+
 def make_batch_sampler(dataset, batch_size: int, world: int, rank: int, seed: int, epoch: int,
-                       start_batch: int) -> Sampler[list[int]]:
+                       start_batch: int, lengths: np.ndarray | None = None,
+                       length_grouping: bool = False) -> Sampler[list[int]]:
     """The dataset's own sampler if it has one (e.g. a sharded corpus reading disjoint shards per
-    rank), else ShardedBatchSampler. Contract: every rank yields the same number of batches, the
-    order is a function of (seed, epoch), and `start_batch` skips that many global micro-batches
-    (this rank's share of each)."""
+    rank), else ShardedBatchSampler, or LengthGroupedBatchSampler over `lengths` when length_grouping.
+    Contract: every rank yields the same number of batches, the order is a function of (seed, epoch),
+    and `start_batch` skips that many global micro-batches (this rank's share of each)."""
     if hasattr(dataset, "batch_sampler"):
+        if length_grouping:
+            return dataset.batch_sampler(batch_size, world, rank, seed, epoch, start_batch, length_grouping=True)
         return dataset.batch_sampler(batch_size, world, rank, seed, epoch, start_batch)
+    if length_grouping and lengths is not None:
+        return LengthGroupedBatchSampler(lengths, batch_size, world, rank, seed, epoch, start_batch)
     return ShardedBatchSampler(len(dataset), batch_size, world, rank, seed, epoch, start_batch)
 
 
@@ -227,14 +286,18 @@ def _resume_position(state: dict, cfg: TrainConfig, world: int, micro_per_epoch:
 def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_dataset=None,
           export: Callable[[torch.nn.Module, dict, Path], None] | None = None, resume: bool = False,
           accelerator: Accelerator | None = None, num_workers: int = 0,
-          callbacks: Sequence[Callable[[torch.nn.Module, int], None]] = ()) -> TrainResult:
+          callbacks: Sequence[Callable[[torch.nn.Module, int], None]] = (),
+          length_grouping: bool = False) -> TrainResult:
     """Train `model` (whose forward returns `.loss` when given labels) for `budget_steps` optimizer steps,
     or fewer when early stopping ends it (then the best-on-`eval_dataset` weights are exported).
 
     `callbacks(model, step)` (e.g. fm.quality.QualityMonitor) run on the main process with the unwrapped
-    model at the start, at every eval_every and at the end."""
+    model at the start, at every eval_every and at the end. `length_grouping` (data.length_grouping): batches
+    of cells of similar length (LengthGroupedBatchSampler; a corpus groups within its stream)."""
     out = Path(cfg.output_dir)
     accelerator = accelerator or make_accelerator(cfg)
+    if getattr(collator, "pad_to_multiple_of", 0) is None:  # by device: 8 on CUDA, 1 on CPU
+        collator = replace(collator, pad_to_multiple_of=pad_multiple(accelerator.device))
     if not resume and latest_checkpoint(out) is not None:
         raise FileExistsError(f"{out} already holds checkpoints of a run; pass --resume to continue it "
                               "or choose another train.output_dir (nothing was overwritten).")
@@ -242,7 +305,13 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # transformers 5 alias of activation checkpointing
     world, rank = accelerator.num_processes, accelerator.process_index
-    micro_per_epoch = len(make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, 0, 0))
+    lengths = dataset_lengths(dataset, collator) if length_grouping else None
+
+    def batch_sampler(epoch: int, start: int) -> Sampler[list[int]]:
+        return make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, epoch, start, lengths,
+                                  length_grouping)
+
+    micro_per_epoch = len(batch_sampler(0, 0))
     if micro_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training cells cannot fill one global batch of "
                          f"{cfg.batch_size} × {world} processes; lower train.batch_size")
@@ -282,7 +351,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
     with StopSignal() as stop:
         while step < total and not stopped and not stopper.should_stop:
             collator.epoch = epoch
-            sampler = make_batch_sampler(dataset, cfg.batch_size, world, rank, cfg.seed, epoch, offset)
+            sampler = batch_sampler(epoch, offset)
             # a private generator: creating an iterator must not consume the global RNG (dropout), or a
             # resumed run would diverge from an uninterrupted one
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
@@ -405,6 +474,7 @@ def _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tok
     return row
 
 
-__all__ = ["CHECKPOINTS", "STATE_FILE", "EXIT_PREEMPTED", "ShardedBatchSampler", "budget_steps",
+__all__ = ["CHECKPOINTS", "STATE_FILE", "EXIT_PREEMPTED", "LengthGroupedBatchSampler", "MEGABATCH",
+           "ShardedBatchSampler", "budget_steps", "dataset_lengths",
            "make_batch_sampler", "TrainResult", "evaluate", "latest_checkpoint", "make_accelerator",
            "save_checkpoint", "train"]

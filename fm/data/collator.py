@@ -103,6 +103,12 @@ def collator_settings(config) -> dict:
     return settings
 
 
+def pad_multiple(device) -> int:
+    """Batch widths round up to this on `device`: 8 on CUDA (tensor-core shapes), else 1 — on CPU rounding
+    to 8 only adds padding tokens (eval/perf/RESULTS.md "Padding (issue 13)")."""
+    return 8 if torch.device(device).type == "cuda" else 1
+
+
 def vocab_medians(gene_table, medians, vocab_size: int) -> np.ndarray:
     """(vocab_size,) float64 median of each vocabulary id (0 = no median: never a token) from per-row medians."""
     out = np.zeros(vocab_size, dtype=np.float64)
@@ -140,7 +146,9 @@ class CellCollator:
     seed: int = 0
     pad_token_id: int = 0
     zero_fraction: float = 0.0
-    pad_to_multiple_of: int = 8  # tensor-core friendly lengths on GPU; costs little on CPU
+    # batch width rounded up to a multiple of this; None = by device (fm.train / fm.inference set
+    # pad_multiple(device): 8 on CUDA for tensor-core shapes, 1 on CPU where rounding only adds padding)
+    pad_to_multiple_of: int | None = None
     epoch: int = 0
     decode_genes: int = 0  # train only: whole-cell decoding targets for this many panel genes per batch
     views: int = 1  # train only: each cell this many times (own genes and masks; `view_of` pairs them)
@@ -148,6 +156,25 @@ class CellCollator:
     view_thinning: float = 0.0  # train only: views after the first see counts × p, p ~ U(1 - this, 1) per cell
     # Geneformer's rank-value order (ScFMConfig.gene_medians, by vocab id; 0 = not a model gene): see __call__
     gene_medians: np.ndarray | None = None
+
+    def token_counts(self, cells) -> np.ndarray:
+        """Gene tokens this collator gives each cell of `cells` (an EncodedCells: its indptr, panels; with
+        gene_medians its gene_ids): expressed genes capped by the budget plus zero genes — the width a batch
+        of them needs before rounding to pad_to_multiple_of. Cheap (no binning, no gene choice); what
+        length-bucketed inference and the length-grouped sampler sort cells by."""
+        n = np.diff(np.asarray(cells.indptr)).astype(np.int64)
+        if self.gene_medians is not None:  # Geneformer: only genes with a median and a count are tokens
+            ok = (self.gene_medians[np.asarray(cells.gene_ids)] > 0) & (np.asarray(cells.counts) > 0)
+            n = np.bincount(np.repeat(np.arange(n.size), n)[ok], minlength=n.size).astype(np.int64)
+        zero_slots = int(round(self.zero_fraction * self.max_genes))
+        n_zero = np.zeros_like(n)
+        if zero_slots and getattr(cells, "panel_of", None) is not None:
+            panel = np.array([len(p) for p in cells.panels], dtype=np.int64)[cells.panel_of]
+            n_zero = np.minimum(zero_slots, np.maximum(panel - n, 0))
+        budget = self.max_genes - n_zero
+        if self.train and self.view_keep < 1.0:
+            budget = np.minimum(budget, np.ceil(n * self.view_keep).astype(np.int64))
+        return np.minimum(n, budget) + n_zero
 
     @property
     def encoding(self) -> ValueEncoding:
@@ -304,7 +331,8 @@ class CellCollator:
 
         kept = kept_expressed + n_zero
         width = max(int(kept.max(initial=1)), 1)
-        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        multiple = self.pad_to_multiple_of or 1
+        width = -(-width // multiple) * multiple
         gene_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
         values = np.full((len(rows), width), encoding.pad_value_id, dtype=encoded.dtype)
         labels = np.zeros((len(rows), width), dtype=np.float32)

@@ -12,6 +12,13 @@ DataLoader for a whole batch) resolves a batch's shards and rows with vectorised
   3. within a rank's part, windows of `shuffle_buffer` cells are permuted (seed, epoch, rank,
      window): memory is one index per buffered cell, never a permutation of the corpus;
   4. `start_batch` skips to the window holding that batch: mid-epoch resume costs one window.
+  5. length_grouping (data.length_grouping): the rank's shuffled stream is cut into megabatches of
+     MEGABATCH batches; each is sorted by expressed genes per cell (the row's offsets: no gene data
+     read; the collator's token count is that capped at max_genes, corpus rows carry no panel so
+     no zero genes) and cut into batches, whose order within the megabatch is shuffled by
+     (seed, epoch, megabatch) — not by rank, so every rank's j-th batch is the same length
+     quantile of its own megabatch and ranks pad to similar widths. Bucketing is within a window of
+     the stream (megabatch), never over the corpus.
 A fixed fraction of cells, chosen by a hash of (seed, global index), is held out for evaluation
 (`holdout`), identically for every world size and epoch.
 """
@@ -134,9 +141,26 @@ class CorpusDataset:
         idx = np.concatenate([p[self.is_heldout(p)] for p in parts] + [np.zeros(0, np.int64)])
         return CellSubset(self, idx) if idx.size else None
 
+    def n_genes(self, indices: Sequence[int]) -> np.ndarray:
+        """Expressed genes of each cell (global indices), from the shards' offsets alone."""
+        idx = np.asarray(indices, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        local = idx - self.offsets[shard]
+        out = np.zeros(idx.size, dtype=np.int64)
+        for s in np.unique(shard):
+            starts, chunks = self._shard(int(s))
+            sel = np.flatnonzero(shard == s)
+            chunk = np.searchsorted(starts, local[sel], side="right") - 1
+            for c in np.unique(chunk):
+                rows = sel[chunk == c]
+                off = chunks[c][0]
+                j = local[rows] - starts[c]
+                out[rows] = off[j + 1] - off[j]
+        return out
+
     def batch_sampler(self, batch_size: int, world: int, rank: int, seed: int, epoch: int,
-                      start_batch: int = 0) -> "CorpusBatchSampler":
-        return CorpusBatchSampler(self, batch_size, world, rank, seed, epoch, start_batch)
+                      start_batch: int = 0, length_grouping: bool = False) -> "CorpusBatchSampler":
+        return CorpusBatchSampler(self, batch_size, world, rank, seed, epoch, start_batch, length_grouping)
 
 
 class CellSubset:
@@ -159,11 +183,12 @@ class CorpusBatchSampler(Sampler[list[int]]):
     """Batches of global indices for one rank (see the module docstring for the scheme)."""
 
     def __init__(self, corpus: CorpusDataset, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
-                 epoch: int = 0, start_batch: int = 0):
+                 epoch: int = 0, start_batch: int = 0, length_grouping: bool = False, megabatch: int = 50):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         self.corpus, self.batch_size, self.world, self.rank = corpus, batch_size, world, rank
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.length_grouping, self.megabatch = length_grouping, max(int(megabatch), 1)
         counts = corpus.train_counts
         self.per_rank = int(counts.sum()) // world
         self.n_batches = self.per_rank // batch_size
@@ -197,7 +222,35 @@ class CorpusBatchSampler(Sampler[list[int]]):
             pos += b - a
         return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
 
+    def _window(self, i: int) -> np.ndarray:
+        """Window i of this rank's stream, shuffled (seed, epoch, rank, i): the cells __iter__ buffers."""
+        total, w = self.n_batches * self.batch_size, self.corpus.shuffle_buffer
+        cells = self._stream(i * w, min((i + 1) * w, total))
+        return cells[np.random.default_rng([self.seed, self.epoch, self.rank, i]).permutation(cells.size)]
+
+    def _grouped(self):
+        """Batches sorted by length within megabatches of the shuffled stream (module docstring, 5)."""
+        total, w, bs = self.n_batches * self.batch_size, self.corpus.shuffle_buffer, self.batch_size
+        size = self.megabatch * bs
+        cached: dict[int, np.ndarray] = {}
+        for k in range(self.start_batch * bs // size, -(-total // size)):
+            lo, hi = k * size, min((k + 1) * size, total)
+            pieces = []
+            for i in range(lo // w, (hi - 1) // w + 1):
+                if i not in cached:
+                    cached = {i: self._window(i)} | ({i - 1: cached[i - 1]} if i - 1 in cached else {})
+                a, b = max(lo, i * w), min(hi, (i + 1) * w)
+                pieces.append(cached[i][a - i * w:b - i * w])
+            cells = np.concatenate(pieces)
+            cells = cells[np.argsort(-self.corpus.n_genes(cells), kind="stable")].reshape(-1, bs)
+            order = np.random.default_rng([self.seed, self.epoch, 0x4C47, k]).permutation(len(cells))
+            for j in range(max(self.start_batch - lo // bs, 0), len(cells)):
+                yield cells[order[j]].tolist()
+
     def __iter__(self):
+        if self.length_grouping:
+            yield from self._grouped()
+            return
         total, w, bs = self.n_batches * self.batch_size, self.corpus.shuffle_buffer, self.batch_size
         start = self.start_batch * bs
         buf_lo = next_lo = (start // w) * w  # windows are aligned to multiples of w: resume-invariant

@@ -177,7 +177,8 @@ def train_task(model, tokenizer: CellTokenizer, train_cells, val_cells, collator
         log.info("%s: %d training cells, %d held out", cfg.task.name, len(train_cells),
                  0 if val_cells is None else len(val_cells))
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells, export=export_pretrained(tokenizer),
-                 resume=resume, accelerator=accelerator, num_workers=cfg.data.num_workers)
+                 resume=resume, accelerator=accelerator, num_workers=cfg.data.num_workers,
+                 length_grouping=cfg.data.length_grouping)
 
 
 def collator_kwargs(model, cfg: RunConfig) -> dict:

@@ -109,7 +109,8 @@ class ImputationCollator(CellCollator):
             visible.append({**r, "gene_ids": genes[~hide], "counts": counts[~hide]})
         batch = super().__call__(visible)
         width = max(max(len(g) for g in genes_out), 1)
-        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        multiple = self.pad_to_multiple_of or 1
+        width = -(-width // multiple) * multiple
         batch["target_gene_ids"] = torch.from_numpy(_pad(genes_out, width, self.pad_token_id, np.int64))
         batch["labels"] = torch.from_numpy(_pad(values_out, width, 0.0, np.float32))
         batch["label_weights"] = torch.from_numpy(_pad(weights_out, width, 0.0, np.float32))
