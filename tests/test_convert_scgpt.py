@@ -68,7 +68,8 @@ def test_reference_outputs_from_stored_inputs(model, reference):
 def _h5ad_batch(model, n):
     adata = ad.read_h5ad(real_file(PBMC))[:n].copy()
     batches = []
-    run_batched(adata, model, lambda m, b: (batches.append(b), b["gene_ids"][:, :1].float())[1], width=1, batch_size=n)
+    run_batched(adata, model, lambda m, b: (batches.append(b), b["gene_ids"][:, :1].float())[1], width=1, batch_size=n,
+                bucket=False)  # batch row i = cell i
     return adata, batches[0]
 
 

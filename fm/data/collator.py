@@ -362,7 +362,8 @@ class CellCollator:
         kept = kept_expressed + n_zero
         zeros = self._zero_genes(rows, n_zero, genes, indptr) if n_zero.any() else np.zeros(0, np.int64)
         width = max(int(kept.max(initial=1)), 1)
-        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        multiple = self.pad_to_multiple_of or 1
+        width = -(-width // multiple) * multiple
         shape = (len(rows), width)
         gene_ids = np.full(shape, self.pad_token_id, dtype=np.int64)
         values = np.full(shape, encoding.pad_value_id, dtype=_BINNED[type(encoding)] if encoded is None else encoded.dtype)
