@@ -1,4 +1,4 @@
-"""`fm` command line: pretrain | finetune | embed | demo | eval | corpus."""
+"""`fm` command line: pretrain | finetune | embed | convert | demo | eval | corpus | bench."""
 from __future__ import annotations
 
 import argparse
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=50")
     p.set_defaults(func=_cmd_demo)
     __import__("fm.eval.cli", fromlist=["add_eval_parser"]).add_eval_parser(sub)
+    __import__("fm.bench", fromlist=["add_bench_parser"]).add_bench_parser(sub)
     __import__("fm.data.corpus_cli", fromlist=["add_corpus_parser"]).add_corpus_parser(sub)
     return parser
 

@@ -154,15 +154,27 @@ class ScFMAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)  # fused q, k, v projection
         self.out = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, D = x.shape
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, index: torch.Tensor | None = None,
+                shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """x: (B, T, D), or (N, D) real tokens only with `index` (their flat positions in B·T) and shape (B, T):
+        the projections then run on real tokens only and just the attention sees the padded layout."""
+        qkv = self.qkv(x)
+        if index is None:
+            B, T = x.shape[:2]
+        else:  # scatter the real tokens' q, k, v into (B·T, 3D) zeros: padded keys are masked, padded queries dropped
+            B, T = shape
+            qkv = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy_(0, index, qkv)
+        D = qkv.shape[-1] // 3
         # (B, T, 3D) -> 3 x (B, H, T, D/H)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         # attn_mask: bool, True = may attend; (B, 1, 1, T) key padding or (B, 1, T, T) generative
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
         )
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        y = y.transpose(1, 2).reshape(B, T, D)
+        if index is not None:
+            y = y.view(B * T, D).index_select(0, index)
+        return self.out(y)
 
 
 class ScFMMLP(nn.Module):
@@ -191,11 +203,14 @@ class ScFMBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout)
         self.norm_first = config.norm_first
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """x: (B, T, D), or (N, D) packed real tokens with `index` and `shape` (see ScFMAttention): every op but
+        the attention is per token, so it runs on real tokens only."""
         if not self.norm_first:
-            x = self.ln1(x + self.dropout(self.attn(x, attn_mask)))
+            x = self.ln1(x + self.dropout(self.attn(x, attn_mask, index, shape)))
             return self.ln2(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.attn(self.ln1(x), attn_mask))
+        x = x + self.dropout(self.attn(self.ln1(x), attn_mask, index, shape))
         return x + self.dropout(self.mlp(self.ln2(x)))
 
 
@@ -320,18 +335,17 @@ class ScFMModel(_BackboneDispatch, ScFMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.gene = value
 
-    def _attention_mask(self, attention_mask, masked_positions):
-        """Bool SDPA mask (True = may attend) over the T = P + L tokens, or None when every key is
-        visible (lets SDPA pick its flash kernel). Prefix tokens are real and never masked, so
-        every query row keeps at least P visible keys: no fully masked row, no NaN."""
-        B, L = attention_mask.shape
+    def _attention_mask(self, key_real, masked_positions):
+        """Bool SDPA mask (True = may attend) over the T = P + L tokens (key_real (B, T): real tokens), or None
+        when every key is visible (lets SDPA pick its flash kernel). Prefix tokens are real and never masked, so
+        every query row keeps at least P visible keys: no fully masked row, no NaN. Built once per forward."""
+        B, T = key_real.shape
         P = self.config.n_prefix
-        key_real = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, T)
         if self.config.generative_mask and masked_positions is not None:
             # scGPT's generative mask: a masked gene is visible only to itself
             key_masked = torch.cat([masked_positions.new_zeros(B, P), masked_positions.bool()], dim=1)
             key_masked &= key_real
-            eye = torch.eye(P + L, dtype=torch.bool, device=key_real.device)
+            eye = torch.eye(T, dtype=torch.bool, device=key_real.device)
             allowed = key_real[:, None, :] & (~key_masked[:, None, :] | eye)  # (B, T, T): [b, q, k]
             return allowed[:, None]  # (B, 1, T, T)
         if bool(key_real.all()):
@@ -357,10 +371,20 @@ class ScFMModel(_BackboneDispatch, ScFMPreTrainedModel):
         P = self.config.n_prefix
 
         x = self.embeddings(gene_ids, values, condition_ids)  # (B, T, D)
-        mask = self._attention_mask(attention_mask, masked_positions)
+        B, T, D = x.shape
+        key_real = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, T)
+        mask = self._attention_mask(key_real, masked_positions)
+        # Padding does no work: with padded cells the blocks run on the N real tokens packed as (N, D) (index =
+        # their flat positions), and only the attention sees the padded (B, T) layout. Padded positions of
+        # last_hidden_state come out as zeros.
+        index = None if bool(key_real.all()) else key_real.view(-1).nonzero().squeeze(1)
+        if index is not None:
+            x = x.reshape(B * T, D).index_select(0, index)
         for layer in self.layers:
-            x = layer(x, mask)  # positional args: required by gradient checkpointing
+            x = layer(x, mask, index, (B, T))  # positional args: required by gradient checkpointing
         x = self.norm(x)
+        if index is not None:
+            x = x.new_zeros(B * T, D).index_copy(0, index, x).view(B, T, D)
 
         genes = x[:, P:]  # (B, L, D)
         if self.config.pooling == "cls":
