@@ -45,6 +45,21 @@ def inference_collator(model, device=None):
                         pad_to_multiple_of=pad_multiple(device or model_device(model)))
 
 
+def inference_precision(device: torch.device, model):
+    """bf16 autocast for fp32 weights on a GPU with bf16 (tensor cores; outputs come back as float32), nothing
+    elsewhere: on CPU inference stays fp32 (exact against imported checkpoints' references; see fm/precision.py
+    for training). FM_INFERENCE_FP32=1 turns the GPU autocast off."""
+    import contextlib
+    import os
+
+    from fm.precision import native_bf16
+
+    fp32_weights = next(model.parameters()).dtype == torch.float32
+    if device.type == "cuda" and fp32_weights and native_bf16(device) and not os.environ.get("FM_INFERENCE_FP32"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, width: int, batch_size: int = 64,
                 chunk_size: int = 4096, progress: bool = False, drop_empty: bool = False,
                 desc: str = "", bucket: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +84,7 @@ def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, wid
     bar = tqdm(total=adata.n_obs, disable=not progress, desc=desc)
     name_to_row = None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_precision(device, model):
             for part in tokenizer.iter_encoded(adata, chunk_size=chunk_size, drop_empty=drop_empty):
                 rows = np.arange(len(part))
                 if drop_empty:  # dropped cells leave holes: locate the survivors by name
@@ -133,5 +148,5 @@ def write_labels(adata, key: str, probabilities: np.ndarray, classes: list[str],
     return labels
 
 
-__all__ = ["UNKNOWN", "backbone", "cell_embeddings", "inference_collator", "model_device", "run_batched",
+__all__ = ["UNKNOWN", "backbone", "cell_embeddings", "inference_collator", "inference_precision", "model_device", "run_batched",
            "write_labels"]

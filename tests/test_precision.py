@@ -48,3 +48,19 @@ def test_training_uses_the_fused_adamw(tmp_path, small_h5ad_path, monkeypatch):
     cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path / "run", [small_h5ad_path], steps=2))
     run_pretraining(cfg)
     assert seen.get("fused") is True
+
+
+def test_inference_autocasts_bf16_on_gpus_only(monkeypatch):
+    from fm.inference import inference_precision
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert not isinstance(inference_precision(torch.device("cpu"), model), torch.autocast)  # CPU: fp32, exact
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constructing a CUDA autocast on a machine without CUDA warns
+        ctx = inference_precision(torch.device("cuda"), model)
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    monkeypatch.setenv("FM_INFERENCE_FP32", "1")
+    assert not isinstance(inference_precision(torch.device("cuda"), model), torch.autocast)
