@@ -171,3 +171,84 @@ def test_mask_row_threshold_with_ties_matches_token_order():
                 want[np.lexsort((token_rank, keys))[:min(n_mask, t)]] = True
                 np.testing.assert_array_equal(masked, want)
                 np.testing.assert_array_equal(values, np.where(want, -7, np.arange(t)))
+
+
+PARALLEL_OPTIONS = [
+    dict(),
+    dict(max_genes=64, seed=2),
+    dict(zero_fraction=0.1, max_genes=300, seed=9, epoch=1),
+    dict(train=False),
+    dict(train=False, zero_fraction=0.25, max_genes=64),
+    dict(value_encoding="bin_values", max_genes=100, mask_ratio=0.9),
+    dict(views=2, view_keep=0.6, view_thinning=0.3, seed=4),
+]
+
+
+@pytest.mark.parametrize("options", PARALLEL_OPTIONS, ids=[",".join(f"{k}={v}" for k, v in o.items()) or "default"
+                                                           for o in PARALLEL_OPTIONS])
+def test_parallel_kernel_equals_serial_and_numpy(real_cells, force, monkeypatch, options):
+    """fill_batch_binned_parallel (cells over threads, FM_COLLATOR_THREADS > 1) gives the serial kernel's and the
+    numpy path's tensors bit for bit, with 2 threads and with more chunks than threads (uneven round-robin)."""
+    col = CellCollator(**{"max_genes": 1200, **options})
+    for rows in real_cells.values():
+        for batch in (rows[0:32], rows[37:69], rows[150:157], rows[5:6]):
+            force(False)
+            want = col(batch)
+            force(True)
+            monkeypatch.setattr(_kernels, "collator_threads", lambda: 1)
+            _assert_same(want, col(batch))
+            for threads in (2, 3, 5):
+                monkeypatch.setattr(_kernels, "collator_threads", lambda threads=threads: threads)
+                _assert_same(want, col(batch))
+
+
+def test_parallel_kernel_status_is_the_serial_one(real_cells, monkeypatch):
+    """A NaN count: the parallel kernel reports the serial kernel's status (the caller then falls back)."""
+    col = CellCollator(max_genes=50, train=False)
+    rows = [dict(r) for r in real_cells["kang"][:9]]
+    rows[4]["counts"] = rows[4]["counts"].copy()
+    rows[4]["counts"][0] = np.nan
+    monkeypatch.setattr(_kernels, "ENABLED", True)
+    calls = []
+    real = _kernels.fill_batch_binned_parallel
+
+    def spy(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(_kernels, "fill_batch_binned_parallel", spy)
+    monkeypatch.setattr(_kernels, "collator_threads", lambda: 3)
+    with pytest.raises(ValueError):
+        col(rows)  # the numpy path's check raises, as without threads
+    assert calls == [2]
+
+
+def test_collator_threads_setting(monkeypatch):
+    monkeypatch.setattr(_kernels, "THREADS", None)
+    import numba
+    monkeypatch.delenv("FM_COLLATOR_THREADS", raising=False)
+    assert _kernels.collator_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    monkeypatch.setenv("FM_COLLATOR_THREADS", "1")
+    assert _kernels.collator_threads() == 1
+    monkeypatch.setenv("FM_COLLATOR_THREADS", "junk")
+    assert _kernels.collator_threads() == 1
+    monkeypatch.setattr(_kernels, "THREADS", 64)
+    assert _kernels.collator_threads() == numba.config.NUMBA_NUM_THREADS
+
+
+def _threads_in_child(q):
+    q.put(_kernels.collator_threads())
+
+
+def test_collator_threads_is_one_in_a_forked_worker(real_cells):
+    """After the parent ran the parallel kernel, a forked child (a DataLoader worker) runs the serial one."""
+    import multiprocessing as mp
+    col = CellCollator(max_genes=1200)
+    col(real_cells["citeseq"][:8])
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_threads_in_child, args=(q,))
+    p.start()
+    assert q.get(timeout=60) == 1
+    p.join(60)
+    assert p.exitcode == 0

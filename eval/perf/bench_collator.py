@@ -104,6 +104,8 @@ def main() -> int:
     p.add_argument("--max-genes", type=int, default=1200)
     p.add_argument("--mask-ratio", type=float, default=0.4)
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions; each is one pass over all cells")
+    p.add_argument("--threads", default="1", help="comma-separated collator thread counts for the compiled path "
+                   "(fm._kernels.THREADS, i.e. FM_COLLATOR_THREADS): one column each, run interleaved")
     args = p.parse_args()
 
     import torch
@@ -136,16 +138,21 @@ def main() -> int:
           f"mask_ratio {args.mask_ratio}, {args.reps} interleaved repetitions, median; baseline: {baseline}"
           f"{' from ' + str(scgpt_root) if scgpt_root else ''}; torch threads {torch.get_num_threads()}; "
           f"first compiled call in this process (JIT compile or on-disk cache load) {first_call:.2f} s\n")
-    print(f"| file | cells | genes/cell | {baseline} | ours numpy | ours compiled | numpy / baseline | "
-          f"compiled / baseline | compiled / numpy |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    threads = [int(t) for t in args.threads.split(",")]
+    compiled = [f"compiled{t}" for t in threads]
+    label = {c: "ours compiled" + (f" ({t} thr)" if len(threads) > 1 or t != 1 else "") for c, t in zip(compiled, threads)}
+    print(f"| file | cells | genes/cell | {baseline} | ours numpy | " + " | ".join(label[c] for c in compiled)
+          + " | numpy / baseline | " + " | ".join(f"{label[c][5:]} / baseline" for c in compiled)
+          + " | compiled / numpy |")
+    print("| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in compiled) + " | ---: | "
+          + " | ".join("---:" for _ in compiled) + " | ---: |")
     for name in args.files.split(","):
         fname, gene_key = FILES[name]
         rows = load_rows(data / fname, gene_key)
         bs = args.batch_size
         batches = [rows[i:i + bs] for i in range(0, len(rows) - bs + 1, bs)]
         n_cells = len(batches) * bs
-        rates = {"base": [], "numpy": [], "compiled": []}
+        rates = {"base": [], "numpy": [], **{c: [] for c in compiled}}
         for rep in range(args.reps + 1):  # rep 0: warm-up, not counted
             for method in rates:
                 if method == "base":
@@ -158,7 +165,8 @@ def main() -> int:
                         def fn(b, rng=rng):
                             return scgpt_collate(b, args.max_genes, mask_ratio=args.mask_ratio, rng=rng)
                 else:
-                    _kernels.ENABLED = method == "compiled"
+                    _kernels.ENABLED = method != "numpy"
+                    _kernels.THREADS = int(method[8:]) if method != "numpy" else 1
                     inputs, fn = batches, ours
                 t = time.perf_counter()
                 for b in inputs:
@@ -169,8 +177,9 @@ def main() -> int:
         med = {k: float(np.median(v)) for k, v in rates.items()}
         genes = np.mean([len(r["gene_ids"]) for r in rows])
         print(f"| {name} | {n_cells} | {genes:.0f} | {med['base']:,.0f} | {med['numpy']:,.0f} | "
-              f"{med['compiled']:,.0f} | {med['numpy'] / med['base']:.1f}x | {med['compiled'] / med['base']:.1f}x | "
-              f"{med['compiled'] / med['numpy']:.1f}x |", flush=True)
+              + " | ".join(f"{med[c]:,.0f}" for c in compiled) + f" | {med['numpy'] / med['base']:.1f}x | "
+              + " | ".join(f"{med[c] / med['base']:.1f}x" for c in compiled)
+              + f" | {med[compiled[0]] / med['numpy']:.1f}x |", flush=True)
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs")
     return 0

@@ -375,7 +375,7 @@ class CellCollator:
         else:
             n_mask = np.zeros(len(rows), np.int64)
         if encoded is None:
-            fill, data = kernels.fill_batch_binned, _linspace(encoding.n_bins)
+            fill, data = kernels.fill_binned, _linspace(encoding.n_bins)
         else:
             fill, data = kernels.fill_batch, encoded
         status = fill(indptr, genes, counts, counts.view(np.uint32), data, cell_index, kept_expressed, n_zero,
