@@ -61,19 +61,34 @@ def load(path: str | Path, device: str | torch.device | None = None) -> PreTrain
     return model.to(device) if device is not None else model
 
 
-def embed(adata, model, batch_size: int = 64, key: str = "X_fm", chunk_size: int = 4096,
-          progress: bool = False, drop_empty: bool = False) -> np.ndarray:
-    """Cell embeddings (cells × d_model, float32) into `adata.obsm[key]`, and returned.
+def embed(adata, model, batch_size: int = 64, key: str | None = None, chunk_size: int = 4096,
+          progress: bool = False, drop_empty: bool = False, *, key_added: str | None = None,
+          layer: str | None = None, use_raw: bool = False, gene_key: str | None = None,
+          allow_non_counts: bool | None = None, copy: bool = False):
+    """Cell embeddings (cells × d_model, float32) into `adata.obsm[key_added]` (default "X_fm"), and returned.
 
-    Reads X in row chunks (backed AnnData works) and runs the model in batches, so memory grows
+    Reads the counts in row chunks (backed AnnData works) and runs the model in batches, so memory grows
     with the output only. Genes outside the vocabulary are ignored (the match is logged); a cell
     keeps its `max_genes` most expressed genes. Deterministic: same input and model, same output.
     adata is written only at the end, so a failure leaves it as it was.
+
+    scverse arguments (fm/scverse.py): counts from X, adata.layers[layer] or adata.raw (use_raw=True); gene
+    names from var_names or var[gene_key]; allow_non_counts=True bins non-integer values as they are;
+    key_added names the obsm key (`key` is its alias); copy=True returns a modified copy and leaves adata
+    untouched (copy=False returns the embedding). A view with copy=False is an error. Records
+    adata.uns["fm"][key_added] (model, its hash, scfm version, settings).
     """
+    from fm.scverse import check_writable, output_adata, output_key, record
+
+    key = output_key(key_added, key, "X_fm")
+    check_writable(adata, copy, "fm.embed")
+    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
     out = cell_embeddings(adata, model, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
-                          drop_empty=drop_empty, desc="embed")
-    adata.obsm[key] = out
-    return out
+                          drop_empty=drop_empty, desc="embed", **inputs)
+    target = output_adata(adata, copy)
+    target.obsm[key] = out
+    record(target, key, model, "fm.embed", {**inputs, "drop_empty": drop_empty, "batch_size": batch_size})
+    return target if copy else out
 
 
 __all__ = ["architecture_class", "embed", "load"]

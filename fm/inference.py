@@ -60,9 +60,22 @@ def inference_precision(device: torch.device, model):
     return contextlib.nullcontext()
 
 
+def input_tokenizer(model, layer: str | None = None, use_raw: bool = False, gene_key: str | None = None,
+                    allow_non_counts: bool | None = None):
+    """The tokenizer one call reads `adata` with: the model's `cell_tokenizer` restricted to its gene table, reading
+    counts from adata.layers[layer] / adata.raw (use_raw) and gene names from var[gene_key] when given (a per-call
+    copy: model.cell_tokenizer is never changed; None/False keep the tokenizer's saved settings)."""
+    tokenizer = getattr(model, "cell_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("model has no cell_tokenizer: load it with fm.load(directory)")
+    tokenizer = tokenizer.for_config(model.config)  # never feed the model genes its gene table lacks
+    return tokenizer.with_input(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+
+
 def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, width: int, batch_size: int = 64,
                 chunk_size: int = 4096, progress: bool = False, drop_empty: bool = False,
-                desc: str = "", bucket: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                desc: str = "", bucket: bool = True, layer: str | None = None, use_raw: bool = False,
+                gene_key: str | None = None, allow_non_counts: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stream `adata` through `model`: `fn(model, batch)` → (B, width) tensor per batch, row i of it
     belonging to the batch's i-th cell (any per-cell output of a fixed width: embeddings, class scores,
     per-gene predictions over a fixed gene list).
@@ -70,11 +83,11 @@ def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, wid
     Returns (out (n_obs, width) float32, kept (n_obs,) bool). drop_empty: cells without any
     vocabulary gene are skipped instead of being an error; their rows stay 0 and kept False.
     bucket: batch a chunk's cells by token count (ties in row order) instead of in row order.
+    layer / use_raw / gene_key / allow_non_counts: where this call reads counts and gene names (see
+    input_tokenizer); the model's tokenizer itself is never changed.
     """
-    tokenizer = getattr(model, "cell_tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("model has no cell_tokenizer: load it with fm.load(directory)")
-    tokenizer = tokenizer.for_config(model.config)  # never feed the model genes its gene table lacks
+    tokenizer = input_tokenizer(model, layer=layer, use_raw=use_raw, gene_key=gene_key,
+                                allow_non_counts=allow_non_counts)
     device = model_device(model)
     collator = inference_collator(model, device)
     out = np.zeros((adata.n_obs, width), dtype=np.float32)
@@ -108,10 +121,10 @@ def run_batched(adata, model, fn: Callable[[object, dict], torch.Tensor], *, wid
 
 
 def cell_embeddings(adata, model, *, batch_size: int = 64, chunk_size: int = 4096, progress: bool = False,
-                    drop_empty: bool = False, desc: str = "embed") -> np.ndarray:
+                    drop_empty: bool = False, desc: str = "embed", **inputs) -> np.ndarray:
     """The backbone's cell embedding of every cell (n_obs, d_model) float32 (L2-normalised when the model's
     config.embedding_l2 says so, as for imported scGPT models); NaN rows for cells dropped by `drop_empty`.
-    Writes nothing."""
+    Writes nothing. inputs: run_batched's layer / use_raw / gene_key / allow_non_counts."""
     encoder = backbone(model)
 
     def embed(m, batch):
@@ -120,7 +133,7 @@ def cell_embeddings(adata, model, *, batch_size: int = 64, chunk_size: int = 409
 
     out, keep = run_batched(adata, model, embed, width=model.config.d_model,
                             batch_size=batch_size, chunk_size=chunk_size, progress=progress, drop_empty=drop_empty,
-                            desc=desc)
+                            desc=desc, **inputs)
     if drop_empty and not keep.all():
         out[~keep] = np.nan
     return out
@@ -148,5 +161,5 @@ def write_labels(adata, key: str, probabilities: np.ndarray, classes: list[str],
     return labels
 
 
-__all__ = ["UNKNOWN", "backbone", "cell_embeddings", "inference_collator", "inference_precision", "model_device", "run_batched",
+__all__ = ["UNKNOWN", "backbone", "cell_embeddings", "inference_collator", "input_tokenizer", "inference_precision", "model_device", "run_batched",
            "write_labels"]

@@ -133,15 +133,57 @@ class CellTokenizer:
         self.layer = layer
         self.min_matched_fraction = min_matched_fraction
         self.allow_non_counts = allow_non_counts
+        self.use_raw = False  # read adata.raw (X and var) instead of adata: a per-call input setting, never saved
+
+    # ------------------------------------------------------------------ input
+    def with_input(self, layer: str | None = None, use_raw: bool = False, gene_key: str | None = None,
+                   allow_non_counts: bool | None = None) -> "CellTokenizer":
+        """This tokenizer reading its input another way, for one call (a copy; itself when nothing changes):
+        counts from `adata.layers[layer]`, or from `adata.raw.X` with genes `adata.raw.var_names` (use_raw),
+        gene names from var column `gene_key`, non-integer values accepted (allow_non_counts). None / False
+        keep the tokenizer's own setting (its saved `layer`, `gene_key`, `allow_non_counts`)."""
+        if layer is not None and use_raw:
+            raise ValueError("pass layer= or use_raw=True, not both: counts come from adata.layers[layer] or adata.raw.X")
+        changes = {k: v for k, v in {"layer": layer, "gene_key": gene_key, "allow_non_counts": allow_non_counts,
+                                     "use_raw": True if use_raw else None}.items() if v is not None}
+        if use_raw:
+            changes["layer"] = None  # the saved layer belongs to adata, not to adata.raw
+        elif layer is not None:
+            changes["use_raw"] = False
+        if all(getattr(self, k) == v for k, v in changes.items()):
+            return self
+        other = copy.copy(self)
+        for k, v in changes.items():
+            setattr(other, k, v)
+        return other
+
+    def _source(self, adata, source: str = ""):
+        """(var frame, var_names, counts matrix, its name) this tokenizer reads from adata; clear errors
+        when the layer or .raw it is told to read is missing."""
+        where = source or "input"
+        if self.use_raw:
+            if adata.raw is None:
+                raise ValueError(f"{where}: use_raw=True but adata.raw is None (layers: {list(adata.layers)}). "
+                                 "Pass layer='<name>' if counts are in a layer, or use_raw=False to read X.")
+            return adata.raw.var, adata.raw.var_names, adata.raw.X, "raw.X"
+        if self.layer:
+            if self.layer not in adata.layers:
+                raise KeyError(f"{where}: layer {self.layer!r} missing; layers: {list(adata.layers)}"
+                               + (" (adata.raw is set: use_raw=True reads it)" if adata.raw is not None else "")
+                               + ". Pass layer=None to read X.")
+            return adata.var, adata.var_names, adata.layers[self.layer], f"layers[{self.layer!r}]"
+        return adata.var, adata.var_names, adata.X, "X"
 
     # ------------------------------------------------------------------ genes
     def match_genes(self, adata, source: str = "") -> GeneMatch:
         """Vocabulary id of every var column; errors on duplicates and on too few matches."""
-        if self.gene_key is not None and self.gene_key not in adata.var.columns:
-            raise KeyError(f"{source or 'input'}: var column {self.gene_key!r} (gene_key) is missing; "
-                           f"available: {list(adata.var.columns)}. Pass gene_key=None to use var_names.")
-        key = self.gene_key or self._ensembl_column(adata, source)
-        names = pd.Index(adata.var[key].astype(str) if key else adata.var_names.astype(str))
+        var, var_names, _, _ = self._source(adata, source)
+        if self.gene_key is not None and self.gene_key not in var.columns:
+            raise KeyError(f"{source or 'input'}: {'raw.' if self.use_raw else ''}var column {self.gene_key!r} "
+                           f"(gene_key) is missing; available: {list(var.columns)}. Pass gene_key=None to use "
+                           "var_names.")
+        key = self.gene_key or self._ensembl_column(var, var_names, source)
+        names = pd.Index(var[key].astype(str) if key else var_names.astype(str))
         if names.has_duplicates:
             dup = names[names.duplicated()].unique()[:5].tolist()
             raise ValueError(f"{source or 'input'}: duplicate gene names {dup} ({names.duplicated().sum()} in all). "
@@ -170,7 +212,7 @@ class CellTokenizer:
         log.info(match.summary())
         return match
 
-    def _ensembl_column(self, adata, source: str) -> str | None:
+    def _ensembl_column(self, var: pd.DataFrame, var_names: pd.Index, source: str) -> str | None:
         """For a model whose own gene names are Ensembl IDs (an imported Geneformer), the var column of Ensembl IDs
         when var_names are not: symbols reach fewer of its genes (IDs our vocabulary lacks are found only by ID).
         None for scfm's own models and when var_names already are IDs or no column holds them."""
@@ -182,11 +224,11 @@ class CellTokenizer:
             sample = pd.Series(np.asarray(values, dtype=object)[:2000]).astype(str)
             return float(sample.str.match(ENSEMBL_ID_RE).mean()) if len(sample) else 0.0
 
-        if ensembl_share(list(self.model_genes)) < 0.9 or ensembl_share(adata.var_names) >= 0.5:
+        if ensembl_share(list(self.model_genes)) < 0.9 or ensembl_share(var_names) >= 0.5:
             return None
-        for column in adata.var.columns:
-            if adata.var[column].dtype.kind in "OSU" or str(adata.var[column].dtype) == "category":
-                if ensembl_share(adata.var[column]) >= 0.9:
+        for column in var.columns:
+            if var[column].dtype.kind in "OSU" or str(var[column].dtype) == "category":
+                if ensembl_share(var[column]) >= 0.9:
                     log.info("%s: matching genes by var[%r] (Ensembl IDs), as this model names its genes "
                              "(pass gene_key to choose another column)", source or "input", column)
                     return str(column)
@@ -266,28 +308,28 @@ class CellTokenizer:
     def iter_count_chunks(self, adata, match: GeneMatch, chunk_size: int = 4096,
                           source: str = "") -> Iterator[tuple[int, sp.csr_matrix]]:
         """Validated CSR chunks (rows × matched genes, columns in vocab-id order) without densifying X."""
-        matrix = adata.layers[self.layer] if self.layer else adata.X
-        if self.layer and self.layer not in adata.layers:
-            raise KeyError(f"{source or 'input'}: layer {self.layer!r} missing; layers: {list(adata.layers)}")
+        _, _, matrix, name = self._source(adata, source)
         keep = np.flatnonzero(match.vocab_ids >= 0)
         for start in range(0, adata.n_obs, chunk_size):
             chunk = matrix[start:start + chunk_size]
             chunk = sp.csr_matrix(chunk, dtype=np.float32) if not sp.issparse(chunk) else chunk.tocsr()
-            self.validate_values(chunk.data, source, start)
+            self.validate_values(chunk.data, source, start, name)
             yield start, chunk[:, keep].tocsr()
 
-    def validate_values(self, data: np.ndarray, source: str = "", row_offset: int = 0) -> None:
-        """Raw counts only (unless allow_non_counts): no NaN/inf, no negatives, integers."""
+    def validate_values(self, data: np.ndarray, source: str = "", row_offset: int = 0, matrix: str = "X") -> None:
+        """Raw counts only (unless allow_non_counts): no NaN/inf, no negatives, integers. The arguments the
+        messages recommend (layer=, use_raw=, allow_non_counts=) are keywords of fm.embed and every AnnData
+        function, and options of `fm embed` (--layer, --use-raw, --allow-non-counts)."""
         where = f"{source or 'input'} (rows from {row_offset})"
         if not np.isfinite(data).all():
-            raise ValueError(f"{where}: X contains NaN or infinite values. Fix or drop those cells first.")
+            raise ValueError(f"{where}: {matrix} contains NaN or infinite values. Fix or drop those cells first.")
         if (data < 0).any():
-            raise ValueError(f"{where}: X contains negative values (min {data.min():.3g}) — it looks scaled or "
-                             "centred. Use raw counts: adata.layers['counts'] (layer='counts') or the "
-                             "unprocessed file.")
+            raise ValueError(f"{where}: {matrix} contains negative values (min {data.min():.3g}) — it looks scaled or "
+                             "centred. Use raw counts: layer='counts' (adata.layers['counts']), use_raw=True "
+                             "(adata.raw.X) or the unprocessed file.")
         if not self.allow_non_counts and not np.array_equal(data, np.round(data)):
-            raise ValueError(f"{where}: X holds non-integer values — it looks normalised, not raw counts. "
-                             "Use raw counts (layer='counts', or adata.raw if it holds counts), or set "
+            raise ValueError(f"{where}: {matrix} holds non-integer values — it looks normalised, not raw counts. "
+                             "Use raw counts (layer='counts', or use_raw=True if adata.raw holds counts), or pass "
                              "allow_non_counts=True to bin the values as they are (bins are per-cell ranks).")
 
     def iter_encoded(self, adata, source: str = "", chunk_size: int = 4096,

@@ -191,8 +191,10 @@ def heldout_scores(model, data: TaskCells, collator, batch_size: int) -> dict[st
     return {"accuracy": float(np.mean(y == p)), "macro_f1": float(np.mean(f1)), "n": int(len(y))}
 
 
-def transfer_labels(query, reference, model, label_key: str = "cell_type", k: int = 15, key: str = "fm_cell_type",
-                    threshold: float = 0.0, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+def transfer_labels(query, reference, model, label_key: str = "cell_type", k: int = 15, key: str | None = None,
+                    threshold: float = 0.0, batch_size: int = 64, progress: bool = False, *, key_added: str | None = None, layer: str | None = None,
+                    use_raw: bool = False, gene_key: str | None = None, allow_non_counts: bool | None = None,
+                    copy: bool = False):
     """Zero-shot annotation: each query cell takes the similarity-weighted vote of its k nearest
     reference cells (cosine, in the model's embedding space) — no fine-tuning, any checkpoint.
 
@@ -201,8 +203,19 @@ def transfer_labels(query, reference, model, label_key: str = "cell_type", k: in
     `threshold` are "unknown". Reference cells without a label are left out. Neither AnnData's X
     changes and the reference is not written to. Exact search in torch, chunked over query cells
     (no scikit-learn needed: the core install has none).
+
+    scverse arguments (fm/scverse.py): layer / use_raw / gene_key / allow_non_counts apply to both AnnData;
+    key_added names the output (default "fm_cell_type"; `key` is its alias); copy=True returns a modified copy
+    of the query (copy=False returns the labels); a query view with copy=False is an error. Records
+    query.uns["fm"][key_added].
     """
     import torch
+
+    from fm.scverse import check_writable, output_adata, output_key, record
+
+    key = output_key(key_added, key, "fm_cell_type")
+    check_writable(query, copy, "fm.transfer_labels")
+    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
 
     names = read_labels(reference.obs, label_key, "reference")
     known = np.flatnonzero(names != None)  # noqa: E711
@@ -215,7 +228,7 @@ def transfer_labels(query, reference, model, label_key: str = "cell_type", k: in
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
 
     def embed(adata, desc):
-        out = cell_embeddings(adata, model, batch_size=batch_size, progress=progress, desc=desc)
+        out = cell_embeddings(adata, model, batch_size=batch_size, progress=progress, desc=desc, **inputs)
         return torch.nn.functional.normalize(torch.from_numpy(out), dim=1)
     ref = embed(reference, "reference")[known]
     qry = embed(query, "query")
@@ -226,11 +239,16 @@ def transfer_labels(query, reference, model, label_key: str = "cell_type", k: in
         sim, idx = (qry[lo:lo + 4096] @ ref.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), len(classes)).scatter_add_(1, target[idx], sim.clamp(min=0) + 1e-6)
         probs[lo:lo + len(sim)] = (votes / votes.sum(1, keepdim=True)).numpy()
-    return write_labels(query, key, probs, classes, threshold)
+    target = output_adata(query, copy)
+    labels = write_labels(target, key, probs, classes, threshold)
+    record(target, key, model, "fm.transfer_labels", {**inputs, "label_key": label_key, "k": k, "threshold": threshold})
+    return target if copy else labels
 
 
-def annotate(adata, model, key: str = "fm_cell_type", threshold: float | None = None, batch_size: int = 64,
-             chunk_size: int = 4096, progress: bool = False) -> np.ndarray:
+def annotate(adata, model, key: str | None = None, threshold: float | None = None, batch_size: int = 64,
+             chunk_size: int = 4096, progress: bool = False, *, key_added: str | None = None, layer: str | None = None,
+             use_raw: bool = False, gene_key: str | None = None, allow_non_counts: bool | None = None,
+             copy: bool = False):
     """Predict each cell's class with a fine-tuned classifier (`fm finetune`, task annotation).
 
     Writes, and returns the labels of:
@@ -241,9 +259,19 @@ def annotate(adata, model, key: str = "fm_cell_type", threshold: float | None = 
     threshold None = the model's `config.unknown_threshold` (task.unknown_threshold at fine-tuning);
     0 never says "unknown". Streams like fm.embed; X is never modified; deterministic.
     adata is written only at the end, so a failure leaves it as it was.
+
+    scverse arguments (fm/scverse.py): counts from X, layers[layer] or .raw (use_raw); genes from var_names or
+    var[gene_key]; key_added names the output (default "fm_cell_type"; `key` is its alias); copy=True returns a
+    modified copy (copy=False returns the labels); a view with copy=False is an error. Records
+    adata.uns["fm"][key_added].
     """
     import torch
 
+    from fm.scverse import check_writable, output_adata, output_key, record
+
+    key = output_key(key_added, key, "fm_cell_type")
+    check_writable(adata, copy, "fm.annotate")
+    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
     if not hasattr(model, "classifier_head"):
         raise ValueError(f"{type(model).__name__} has no classifier head: load a model fine-tuned for annotation "
                          "(fm finetune recipes/finetune/annotation.yaml …)")
@@ -254,8 +282,11 @@ def annotate(adata, model, key: str = "fm_cell_type", threshold: float | None = 
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     probs, _ = run_batched(adata, model, lambda m, batch: torch.softmax(m(**batch).logits.float(), dim=-1),
                            width=len(classes), batch_size=batch_size, chunk_size=chunk_size, progress=progress,
-                           desc="annotate")
-    return write_labels(adata, key, probs, classes, threshold)
+                           desc="annotate", **inputs)
+    target = output_adata(adata, copy)
+    labels = write_labels(target, key, probs, classes, threshold)
+    record(target, key, model, "fm.annotate", {**inputs, "threshold": threshold})
+    return target if copy else labels
 
 
 __all__ = ["AnnotationConfig", "annotate", "build_classifier", "add_class_weights", "balanced_class_weights", "encode_classes", "heldout_scores", "load_labeled_cells", "read_labels", "run",

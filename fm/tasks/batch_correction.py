@@ -15,6 +15,8 @@ the training cells' batch tokens with it.
 """
 from __future__ import annotations
 
+import copy as _copy
+
 import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -176,11 +178,10 @@ def _batch_column_named(model, batch_key: str):
     if batch_key == trained:
         yield
         return
-    renamed = CellTokenizer(tokenizer.vocab, tokenizer.n_bins,
-                            [batch_key if k == trained else k for k in tokenizer.condition_keys],
-                            {(batch_key if k == trained else k): v for k, v in tokenizer.condition_categories.items()},
-                            tokenizer.gene_key, tokenizer.layer, tokenizer.min_matched_fraction,
-                            tokenizer.allow_non_counts)
+    renamed = _copy.copy(tokenizer)  # every other setting (gene table, imported gene names) kept
+    renamed.condition_keys = [batch_key if k == trained else k for k in tokenizer.condition_keys]
+    renamed.condition_categories = {(batch_key if k == trained else k): v
+                                    for k, v in tokenizer.condition_categories.items()}
     model.cell_tokenizer = renamed
     try:
         yield
@@ -188,8 +189,10 @@ def _batch_column_named(model, batch_key: str):
         model.cell_tokenizer = tokenizer
 
 
-def integrate(adata, model, batch_key: str | None = None, key: str = "X_fm_integrated", batch_size: int = 64,
-              chunk_size: int = 4096, progress: bool = False, drop_empty: bool = False) -> np.ndarray:
+def integrate(adata, model, batch_key: str | None = None, key: str | None = None, batch_size: int = 64,
+              chunk_size: int = 4096, progress: bool = False, drop_empty: bool = False, *,
+              key_added: str | None = None, layer: str | None = None, use_raw: bool = False,
+              gene_key: str | None = None, allow_non_counts: bool | None = None, copy: bool = False):
     """Batch-corrected cell embeddings (cells × d_model, float32) into `adata.obsm[key]`, and returned.
 
     model: fm.load of a checkpoint fine-tuned for batch_correction (`fm finetune
@@ -201,7 +204,17 @@ def integrate(adata, model, batch_key: str | None = None, key: str = "X_fm_integ
     Also writes uns[key] = {"params": {"batch_key", "fine_tuned"}}. Streams like fm.embed; X is
     never modified; deterministic; adata is written only at the end (a failure leaves it as it was).
     drop_empty: cells without any vocabulary gene get NaN rows instead of an error.
+
+    scverse arguments (fm/scverse.py): counts from X, layers[layer] or .raw (use_raw); genes from var_names or
+    var[gene_key]; key_added names the output (default "X_fm_integrated"; `key` is its alias); copy=True returns
+    a modified copy (copy=False returns the embedding); a view with copy=False is an error. Records
+    adata.uns["fm"][key_added].
     """
+    from fm.scverse import check_writable, output_adata, output_key, record
+
+    key = output_key(key_added, key, "X_fm_integrated")
+    check_writable(adata, copy, "fm.integrate")
+    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
     fine_tuned = isinstance(model, ScFMForBatchCorrection)
     renamed = nullcontext()
     if fine_tuned:
@@ -214,10 +227,13 @@ def integrate(adata, model, batch_key: str | None = None, key: str = "X_fm_integ
                     "model.init_from=<checkpoint>", type(model).__name__, key)
     with renamed:
         out = cell_embeddings(adata, model, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
-                              drop_empty=drop_empty, desc="integrate")
-    adata.obsm[key] = out
-    adata.uns[key] = {"params": {"batch_key": batch_key if fine_tuned else None, "fine_tuned": fine_tuned}}
-    return out
+                              drop_empty=drop_empty, desc="integrate", **inputs)
+    target = output_adata(adata, copy)
+    target.obsm[key] = out
+    target.uns[key] = {"params": {"batch_key": batch_key if fine_tuned else None, "fine_tuned": fine_tuned}}
+    record(target, key, model, "fm.integrate", {**inputs, "batch_key": batch_key if fine_tuned else None,
+                                                "drop_empty": drop_empty})
+    return target if copy else out
 
 
 __all__ = ["BatchCorrectionCollator", "BatchCorrectionConfig", "add_batch_condition", "build_integration_model", "integrate",

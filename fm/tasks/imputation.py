@@ -176,9 +176,10 @@ def run(cfg: RunConfig, resume: bool = False, adatas=None) -> TrainResult:
 
 
 def _observed_log1p(adata, layer: str | None, columns: np.ndarray, chunk_size: int,
-                    target_sum: float = TARGET_SUM) -> np.ndarray:
-    """log1p(count / library · target_sum) of the given columns (library over all genes), read in row chunks."""
-    matrix = _counts(adata, layer)
+                    target_sum: float = TARGET_SUM, matrix=None) -> np.ndarray:
+    """log1p(count / library · target_sum) of the given columns (library over all genes), read in row chunks
+    (of `matrix` when given, else of X / layers[layer])."""
+    matrix = _counts(adata, layer) if matrix is None else matrix
     out = np.empty((adata.n_obs, len(columns)), np.float32)
     for lo in range(0, adata.n_obs, chunk_size):
         chunk = matrix[lo:lo + chunk_size]
@@ -189,8 +190,10 @@ def _observed_log1p(adata, layer: str | None, columns: np.ndarray, chunk_size: i
     return out
 
 
-def impute(adata, model, scale: str | None = None, key: str = "fm_imputed", batch_size: int = 64,
-           chunk_size: int = 4096, progress: bool = False) -> np.ndarray:
+def impute(adata, model, scale: str | None = None, key: str | None = None, batch_size: int = 64,
+           chunk_size: int = 4096, progress: bool = False, *, key_added: str | None = None, layer: str | None = None,
+           use_raw: bool = False, gene_key: str | None = None, allow_non_counts: bool | None = None,
+           copy: bool = False):
     """Denoised / imputed expression of every gene of `adata` from a model fine-tuned for imputation.
 
     Writes, and returns the matrix of:
@@ -204,16 +207,31 @@ def impute(adata, model, scale: str | None = None, key: str = "fm_imputed", batc
     batches (gene queries computed once); deterministic; X is never modified and adata is written
     only at the end. Memory: the layer is dense, n_obs × n_vars × 4 bytes (100k cells × 20k genes =
     8 GB), about twice that at the peak when some genes are outside the vocabulary.
+
+    scverse arguments (fm/scverse.py): counts from X, layers[layer] or .raw (use_raw: adata.raw must have
+    adata's genes, as the output layer is over adata's columns); genes from var_names or var[gene_key];
+    key_added names the output (default "fm_imputed"; `key` is its alias); copy=True returns a modified copy
+    (copy=False returns the matrix); a view with copy=False is an error. Records adata.uns["fm"][key_added].
     """
+    from fm.inference import input_tokenizer
+    from fm.scverse import check_writable, output_adata, output_key, record
+
+    key = output_key(key_added, key, "fm_imputed")
+    check_writable(adata, copy, "fm.impute")
+    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+    if use_raw and adata.raw is not None and not adata.raw.var_names.equals(adata.var_names):
+        raise ValueError(f"fm.impute: use_raw=True needs adata.raw with adata's genes (the imputed layer is over "
+                         f"adata's {adata.n_vars} columns; raw has {adata.raw.n_vars}). Put the counts in a layer "
+                         "(adata.layers['counts'] = adata.raw[:, adata.var_names].X) and pass layer='counts'.")
     if not isinstance(getattr(model, "impute_head", None), torch.nn.Module):
         raise ValueError(f"{type(model).__name__} has no imputation head: load a model fine-tuned for imputation "
                          "(fm finetune recipes/finetune/imputation.yaml model.init_from=<pretrained model> …)")
     scale = scale or model.config.target_scale
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES} (or None for the model's default), got {scale!r}")
-    tokenizer: CellTokenizer | None = getattr(model, "cell_tokenizer", None)
-    if tokenizer is None:
+    if getattr(model, "cell_tokenizer", None) is None:
         raise ValueError("model has no cell_tokenizer: load it with fm.load(directory)")
+    tokenizer: CellTokenizer = input_tokenizer(model, **inputs)
     ids = tokenizer.match_genes(adata).vocab_ids  # errors (with examples) when too few genes match
     known = ids >= 0
     if not known.any():
@@ -232,20 +250,23 @@ def impute(adata, model, scale: str | None = None, key: str = "fm_imputed", batc
         return torch.addmm(bias, m.scfm(**batch).cell_embedding.float(), keys.T).clamp_(min=0)
 
     pred, _ = run_batched(adata, model, predict, width=int(known.sum()), batch_size=batch_size, chunk_size=chunk_size,
-                          progress=progress, desc="impute")
+                          progress=progress, desc="impute", **inputs)
     if known.all():
         out = pred
     else:
         out = np.empty((adata.n_obs, adata.n_vars), np.float32)
         out[:, known] = pred
         del pred
-        out[:, ~known] = _observed_log1p(adata, tokenizer.layer, np.flatnonzero(~known), chunk_size, target_sum)
+        out[:, ~known] = _observed_log1p(adata, tokenizer.layer, np.flatnonzero(~known), chunk_size, target_sum,
+                                         matrix=tokenizer._source(adata)[2])
     if scale == "normalized":
         np.expm1(out, out=out)
-    adata.layers[key] = out
-    adata.var[key] = known
-    adata.uns[key] = {"scale": scale, "target_sum": target_sum, "n_imputed_genes": int(known.sum())}
-    return out
+    target = output_adata(adata, copy)
+    target.layers[key] = out
+    target.var[key] = known
+    target.uns[key] = {"scale": scale, "target_sum": target_sum, "n_imputed_genes": int(known.sum())}
+    record(target, key, model, "fm.impute", {**inputs, "scale": scale})
+    return target if copy else out
 
 
 __all__ = ["ImputationCollator", "ImputationConfig", "SCALES", "TARGET_SUM", "build_imputer", "impute", "init_query_from_mvc",

@@ -169,8 +169,10 @@ def heldout_pearson(model, data: TaskCells, collator, batch_size: int) -> np.nda
     return np.divide((pred * true).sum(0), den, out=np.zeros(den.shape), where=den > 1e-12)
 
 
-def predict_protein(adata, model, key: str = "fm_protein", batch_size: int = 64, chunk_size: int = 4096,
-                    progress: bool = False) -> pd.DataFrame:
+def predict_protein(adata, model, key: str | None = None, batch_size: int = 64, chunk_size: int = 4096,
+                    progress: bool = False, *, key_added: str | None = None, layer: str | None = None,
+                    use_raw: bool = False, gene_key: str | None = None, allow_non_counts: bool | None = None,
+                    copy: bool = False):
     """Predict each cell's surface proteins (CLR scale) with a fine-tuned protein head, into obsm[key].
 
     obsm[key] is a pandas DataFrame (index obs_names, columns = config.protein_names, float32) — the
@@ -178,16 +180,28 @@ def predict_protein(adata, model, key: str = "fm_protein", batch_size: int = 64,
     values through write_h5ad, and `adata.obsm[key]["CD4"]` works. Isotype controls are not predicted
     (model.config.isotype_controls lists them). Returns the DataFrame. Streams like fm.embed; X is never
     modified; deterministic; adata is written only at the end, so a failure leaves it as it was.
+
+    scverse arguments (fm/scverse.py): counts from X, layers[layer] or .raw (use_raw); genes from var_names or
+    var[gene_key]; key_added names the output (default "fm_protein"; `key` is its alias); copy=True returns a
+    modified copy (copy=False returns the DataFrame); a view with copy=False is an error. Records
+    adata.uns["fm"][key_added].
     """
+    from fm.scverse import check_writable, output_adata, output_key, record
+
+    key = output_key(key_added, key, "fm_protein")
+    check_writable(adata, copy, "fm.predict_protein")
+    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
     if not hasattr(model, "protein_head"):
         raise ValueError(f"{type(model).__name__} has no protein head: load a model fine-tuned for modality "
                          "prediction (fm finetune recipes/finetune/modality_prediction.yaml …)")
     names = [str(n) for n in model.config.protein_names]
     out, _ = run_batched(adata, model, lambda m, batch: m(**batch).predictions, width=len(names), batch_size=batch_size,
-                         chunk_size=chunk_size, progress=progress, desc="predict_protein")
+                         chunk_size=chunk_size, progress=progress, desc="predict_protein", **inputs)
     frame = pd.DataFrame(out, index=pd.Index(adata.obs_names.copy()), columns=names)
-    adata.obsm[key] = frame
-    return frame
+    target = output_adata(adata, copy)
+    target.obsm[key] = frame
+    record(target, key, model, "fm.predict_protein", inputs)
+    return target if copy else frame
 
 
 __all__ = ["CONTROL_RE", "ModalityPredictionConfig", "build_protein_model", "clr", "heldout_pearson", "load_protein_cells", "predict_protein",
