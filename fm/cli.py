@@ -60,7 +60,9 @@ def _cmd_embed(args) -> int:
 
     model = fm.load(args.model, device=args.device)
     adata = open_anndata(args.input, backed=False)
-    fm.embed(adata, model, batch_size=args.batch_size, key=args.key, progress=True, drop_empty=args.drop_empty)
+    fm.embed(adata, model, batch_size=args.batch_size, key_added=args.key, progress=True, drop_empty=args.drop_empty,
+             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key,
+             allow_non_counts=True if args.allow_non_counts else None)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     # write beside the target then rename: an interrupted write never clobbers an existing file
@@ -129,10 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported model directory")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--key", default="X_fm")
+    p.add_argument("--key", "--key-added", dest="key", default="X_fm", help="obsm key of the embedding")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
     p.add_argument("--drop-empty", action="store_true", help="give cells without vocabulary genes NaN rows")
+    p.add_argument("--layer", default=None, help="read counts from adata.layers[LAYER] instead of X")
+    p.add_argument("--use-raw", action="store_true", help="read counts and genes from adata.raw")
+    p.add_argument("--gene-key", default=None, help="var column holding gene symbols / Ensembl IDs (default: var_names)")
+    p.add_argument("--allow-non-counts", action="store_true", help="accept non-integer values (binned as they are)")
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("convert", help="import a scGPT / Geneformer checkpoint as an scfm export (or export to scGPT)")

@@ -104,8 +104,8 @@ def niche_pseudobulk(counts: sp.csr_matrix, neighbors, codes, n_types: int, rows
 
 
 def _counts(adata, tokenizer: CellTokenizer) -> sp.csr_matrix:
-    matrix = adata.layers[tokenizer.layer] if tokenizer.layer else adata.X
-    return sp.csr_matrix(matrix, dtype=np.float32)
+    """The counts `tokenizer` reads (X, its layer, or adata.raw.X), as CSR."""
+    return sp.csr_matrix(tokenizer._source(adata)[2], dtype=np.float32)
 
 
 def _as_anndata(x: sp.csr_matrix, var: pd.DataFrame, tokenizer: CellTokenizer) -> ad.AnnData:
@@ -184,17 +184,24 @@ def _can_denoise(model) -> None:
 
 
 def denoised_expression(adata, model, columns: np.ndarray, vocab_ids: np.ndarray, batch_size: int,
-                        progress: bool = False) -> np.ndarray:
+                        progress: bool = False, **inputs) -> np.ndarray:
     """cells × len(columns): each gene (var column, its vocabulary id) predicted from each cell's embedding.
 
     An imputation model goes through fm.impute (its log1p scale and clipping; it predicts every gene,
     cells × genes dense); otherwise the pretraining MVC head, clipped at 0. Every gene of the cell is
-    the model's input either way: only the outputs are restricted to `columns`."""
+    the model's input either way: only the outputs are restricted to `columns`. inputs: run_batched's
+    layer / use_raw / gene_key / allow_non_counts (columns index the var of the matrix they select)."""
     if isinstance(getattr(model, "impute_head", None), torch.nn.Module):
+        from fm.inference import input_tokenizer
         from fm.tasks.imputation import impute
 
-        shallow = ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=adata.var)  # impute writes here
-        return impute(shallow, model, scale="log1p", batch_size=batch_size, progress=progress)[:, columns]
+        var, var_names, matrix, _ = input_tokenizer(model, **inputs)._source(adata)
+        shallow = ad.AnnData(X=matrix, obs=pd.DataFrame(index=adata.obs_names),  # impute writes here
+                             var=var.set_index(pd.Index(var_names)))
+        if model.cell_tokenizer.layer:  # the model's saved layer: read the same counts
+            shallow.layers[model.cell_tokenizer.layer] = matrix
+        return impute(shallow, model, scale="log1p", batch_size=batch_size, progress=progress,
+                      gene_key=inputs.get("gene_key"), allow_non_counts=inputs.get("allow_non_counts"))[:, columns]
     head, backbone = model.mvc_head, _backbone_of(model)
 
     def predict(m, batch):
@@ -203,19 +210,22 @@ def denoised_expression(adata, model, columns: np.ndarray, vocab_ids: np.ndarray
         return head(emb.unsqueeze(0).expand(len(cell), -1, -1), cell).clamp_min(0.0)
 
     values, _ = run_batched(adata, model, predict, width=len(columns), batch_size=batch_size, progress=progress,
-                            desc="interactions")
+                            desc="interactions", **inputs)
     return values
 
 
-def _denoised_interactions(adata, model, codes, groups, pairs, n_perms, seed, batch_size, progress):
-    tokenizer = model.cell_tokenizer
+def _denoised_interactions(adata, model, codes, groups, pairs, n_perms, seed, batch_size, progress, inputs):
+    from fm.inference import input_tokenizer
+
+    tokenizer = input_tokenizer(model, **inputs)
     match = tokenizer.match_genes(adata)
-    names = adata.var[tokenizer.gene_key] if tokenizer.gene_key else adata.var_names  # the names it matched
+    var, var_names, _, _ = tokenizer._source(adata)
+    names = var[tokenizer.gene_key] if tokenizer.gene_key else var_names  # the names it matched
     known = {str(g): j for j, (g, i) in enumerate(zip(names, match.vocab_ids)) if i >= 0}
     pairs = usable_pairs(pairs, known, "the data's genes known to the model's vocabulary")
     genes = pair_genes(pairs)
     columns = np.array([known[g] for g in genes])
-    values = denoised_expression(adata, model, columns, match.vocab_ids[columns], batch_size, progress)
+    values = denoised_expression(adata, model, columns, match.vocab_ids[columns], batch_size, progress, **inputs)
     lig, rec = complex_values(values, genes, pairs["ligand"]), complex_values(values, genes, pairs["receptor"])
     n = len(groups)
 
@@ -228,17 +238,25 @@ def _denoised_interactions(adata, model, codes, groups, pairs, n_perms, seed, ba
                         group_means(rec, codes, n)[None, :, :] * ones, score, pvalue)
 
 
-def niche_predictions(adata, model, codes, neighbors, batch_size: int, progress: bool = False):
+def niche_predictions(adata, model, codes, neighbors, batch_size: int, progress: bool = False, **inputs):
     """Predictions with the full niche (cells × genes) and, per group u, (receivers, predictions
-    without their u senders) for receivers with a u sender and another one."""
-    tokenizer, n_types = model.cell_tokenizer, model.config.num_labels
+    without their u senders) for receivers with a u sender and another one. inputs: run_batched's
+    layer / use_raw / gene_key / allow_non_counts."""
+    from fm.inference import input_tokenizer
+
+    tokenizer, n_types = input_tokenizer(model, **inputs), model.config.num_labels
     counts = _counts(adata, tokenizer)
     plans = [(None, *niche_members(neighbors, codes))]
     plans += [(u, *niche_members(neighbors, codes, u)) for u in range(n_types)]
     blocks = [niche_pseudobulk(counts, neighbors, codes, n_types, rows, member) for _, rows, member in plans]
-    niches = _as_anndata(sp.vstack([b[0] for b in blocks]).tocsr(), adata.var, tokenizer)
+    var = tokenizer._source(adata)[0].set_index(pd.Index(tokenizer._source(adata)[1]))
+    niches = _as_anndata(sp.vstack([b[0] for b in blocks]).tocsr(), var, tokenizer)
+    if model.cell_tokenizer.layer:  # the model's saved layer: the same niche counts
+        niches.layers[model.cell_tokenizer.layer] = niches.X
     embedding, _ = run_batched(niches, model, lambda m, batch: m.scfm(**batch).cell_embedding,
-                               width=model.config.d_model, batch_size=batch_size, progress=progress, desc="niches")
+                               width=model.config.d_model, batch_size=batch_size, progress=progress, desc="niches",
+                               layer=None if tokenizer.use_raw else tokenizer.layer, gene_key=tokenizer.gene_key,
+                               allow_non_counts=tokenizer.allow_non_counts)
     receivers = np.concatenate([rows for _, rows, _ in plans])
     with torch.inference_mode():
         device = next(model.parameters()).device
@@ -252,7 +270,7 @@ def niche_predictions(adata, model, codes, neighbors, batch_size: int, progress:
     return full, ablated
 
 
-def _niche_interactions(adata, model, codes, groups, pairs, n_perms, seed, spatial_key, batch_size, progress):
+def _niche_interactions(adata, model, codes, groups, pairs, n_perms, seed, spatial_key, batch_size, progress, inputs):
     config = model.config
     coords = read_coordinates(adata, spatial_key or config.spatial_key)
     types = [config.id2label[i] for i in range(config.num_labels)]
@@ -263,7 +281,7 @@ def _niche_interactions(adata, model, codes, groups, pairs, n_perms, seed, spati
     codes = np.array([types.index(groups[c]) for c in codes], dtype=np.int64)
     pairs = usable_pairs(pairs, config.niche_genes, "the genes the niche model predicts (config.niche_genes)")
     genes, n, neighbors = list(config.niche_genes), len(types), niche_graph(coords, config.n_neighbors)
-    full, ablated = niche_predictions(adata, model, codes, neighbors, batch_size, progress)
+    full, ablated = niche_predictions(adata, model, codes, neighbors, batch_size, progress, **inputs)
     lig, rec = complex_values(full, genes, pairs["ligand"]), complex_values(full, genes, pairs["receptor"])
     receiver = np.repeat(np.arange(len(codes)), neighbors.shape[1])
 
@@ -292,8 +310,9 @@ def _niche_interactions(adata, model, codes, groups, pairs, n_perms, seed, spati
 
 
 def interactions(adata, model, groupby: str = "cell_type", resource="consensus", n_perms: int = 100, seed: int = 0,
-                 spatial_key: str | None = None, key_added: str = "fm_interactions", batch_size: int = 64,
-                 progress: bool = False) -> pd.DataFrame:
+                 spatial_key: str | None = None, key_added: str | None = None, batch_size: int = 64,
+                 progress: bool = False, *, key: str | None = None, layer: str | None = None, use_raw: bool = False,
+                 gene_key: str | None = None, allow_non_counts: bool | None = None, copy: bool = False):
     """Rank ligand–receptor interactions between the groups of obs[groupby] with a scfm model.
 
     model: a pretrained checkpoint (denoised variant) or a niche model fine-tuned with
@@ -304,7 +323,16 @@ def interactions(adata, model, groupby: str = "cell_type", resource="consensus",
     ligand_means, receptor_means, score, pvalue (n_perms label permutations, seeded), niche_effect
     (niche variant) and rank (1 = strongest; by pvalue, then niche_effect or score). See the module
     docstring for the scales. Every group needs ≥ 2 cells. X is never modified.
+
+    scverse arguments (fm/scverse.py): counts from X, layers[layer] or .raw (use_raw); genes from var_names or
+    var[gene_key]; key_added (default "fm_interactions"; `key` is its alias); copy=True returns a modified copy
+    (copy=False returns the frame); a view with copy=False is an error. Records adata.uns["fm"][key_added].
     """
+    from fm.scverse import check_writable, output_adata, output_key, record
+
+    key_added = output_key(key_added, key, "fm_interactions")
+    check_writable(adata, copy, "fm.interactions")
+    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
     codes, groups = group_codes(adata.obs, groupby)
     niche = isinstance(model, ScFMForCCI)
     if not niche:
@@ -312,11 +340,15 @@ def interactions(adata, model, groupby: str = "cell_type", resource="consensus",
     pairs = load_resource(resource)
     if niche:
         frame = _niche_interactions(adata, model, codes, groups, pairs, n_perms, seed, spatial_key, batch_size,
-                                    progress)
+                                    progress, inputs)
     else:
-        frame = _denoised_interactions(adata, model, codes, groups, pairs, n_perms, seed, batch_size, progress)
-    adata.uns[key_added] = frame
-    return frame
+        frame = _denoised_interactions(adata, model, codes, groups, pairs, n_perms, seed, batch_size, progress, inputs)
+    target = output_adata(adata, copy)
+    target.uns[key_added] = frame
+    record(target, key_added, model, "fm.interactions", {**inputs, "groupby": groupby, "n_perms": n_perms, "seed": seed,
+                                                         "resource": resource if isinstance(resource, str) else "frame",
+                                                         "spatial_key": spatial_key})
+    return target if copy else frame
 
 
 __all__ = ["interactions", "load_niche_cells", "niche_graph", "niche_predictions", "read_coordinates", "run"]
