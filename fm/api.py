@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
@@ -82,7 +81,7 @@ def embed(adata, model, batch_size: int = 64, key: str | None = None, chunk_size
 
     key = output_key(key_added, key, "X_fm")
     check_writable(adata, copy, "fm.embed")
-    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
     out = cell_embeddings(adata, model, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
                           drop_empty=drop_empty, desc="embed", **inputs)
     target = output_adata(adata, copy)

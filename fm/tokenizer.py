@@ -137,7 +137,7 @@ class CellTokenizer:
 
     # ------------------------------------------------------------------ input
     def with_input(self, layer: str | None = None, use_raw: bool = False, gene_key: str | None = None,
-                   allow_non_counts: bool | None = None) -> "CellTokenizer":
+                   allow_non_counts: bool | None = None) -> CellTokenizer:
         """This tokenizer reading its input another way, for one call (a copy; itself when nothing changes):
         counts from `adata.layers[layer]`, or from `adata.raw.X` with genes `adata.raw.var_names` (use_raw),
         gene names from var column `gene_key`, non-integer values accepted (allow_non_counts). None / False

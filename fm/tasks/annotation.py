@@ -192,7 +192,8 @@ def heldout_scores(model, data: TaskCells, collator, batch_size: int) -> dict[st
 
 
 def transfer_labels(query, reference, model, label_key: str = "cell_type", k: int = 15, key: str | None = None,
-                    threshold: float = 0.0, batch_size: int = 64, progress: bool = False, *, key_added: str | None = None, layer: str | None = None,
+                    threshold: float = 0.0, batch_size: int = 64, progress: bool = False, *,
+                    key_added: str | None = None, layer: str | None = None,
                     use_raw: bool = False, gene_key: str | None = None, allow_non_counts: bool | None = None,
                     copy: bool = False):
     """Zero-shot annotation: each query cell takes the similarity-weighted vote of its k nearest
@@ -215,7 +216,7 @@ def transfer_labels(query, reference, model, label_key: str = "cell_type", k: in
 
     key = output_key(key_added, key, "fm_cell_type")
     check_writable(query, copy, "fm.transfer_labels")
-    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
 
     names = read_labels(reference.obs, label_key, "reference")
     known = np.flatnonzero(names != None)  # noqa: E711
@@ -271,7 +272,7 @@ def annotate(adata, model, key: str | None = None, threshold: float | None = Non
 
     key = output_key(key_added, key, "fm_cell_type")
     check_writable(adata, copy, "fm.annotate")
-    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
     if not hasattr(model, "classifier_head"):
         raise ValueError(f"{type(model).__name__} has no classifier head: load a model fine-tuned for annotation "
                          "(fm finetune recipes/finetune/annotation.yaml …)")

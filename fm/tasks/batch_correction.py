@@ -214,7 +214,7 @@ def integrate(adata, model, batch_key: str | None = None, key: str | None = None
 
     key = output_key(key_added, key, "X_fm_integrated")
     check_writable(adata, copy, "fm.integrate")
-    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
     fine_tuned = isinstance(model, ScFMForBatchCorrection)
     renamed = nullcontext()
     if fine_tuned:

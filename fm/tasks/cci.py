@@ -332,7 +332,7 @@ def interactions(adata, model, groupby: str = "cell_type", resource="consensus",
 
     key_added = output_key(key_added, key, "fm_interactions")
     check_writable(adata, copy, "fm.interactions")
-    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
     codes, groups = group_codes(adata.obs, groupby)
     niche = isinstance(model, ScFMForCCI)
     if not niche:

@@ -218,7 +218,7 @@ def impute(adata, model, scale: str | None = None, key: str | None = None, batch
 
     key = output_key(key_added, key, "fm_imputed")
     check_writable(adata, copy, "fm.impute")
-    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
     if use_raw and adata.raw is not None and not adata.raw.var_names.equals(adata.var_names):
         raise ValueError(f"fm.impute: use_raw=True needs adata.raw with adata's genes (the imputed layer is over "
                          f"adata's {adata.n_vars} columns; raw has {adata.raw.n_vars}). Put the counts in a layer "

@@ -190,7 +190,7 @@ def predict_protein(adata, model, key: str | None = None, batch_size: int = 64, 
 
     key = output_key(key_added, key, "fm_protein")
     check_writable(adata, copy, "fm.predict_protein")
-    inputs = dict(layer=layer, use_raw=use_raw, gene_key=gene_key, allow_non_counts=allow_non_counts)
+    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
     if not hasattr(model, "protein_head"):
         raise ValueError(f"{type(model).__name__} has no protein head: load a model fine-tuned for modality "
                          "prediction (fm finetune recipes/finetune/modality_prediction.yaml …)")
