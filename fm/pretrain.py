@@ -16,7 +16,7 @@ from fm.data.streaming import CorpusDataset
 from fm.configuration_scfm import ARCHITECTURES
 from fm.modeling_scfm import ScFMConfig, ScFMForMaskedExpression
 from fm.tokenizer import CellTokenizer, EncodedCells, split_cells
-from fm.train import TrainResult, make_accelerator, train
+from fm.train import TrainResult, check_output_dir, make_accelerator, train
 
 log = logging.getLogger("fm")
 
@@ -132,6 +132,7 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
 
         init_gene_table_from_corpus(model, train_cells, seed=cfg.train.seed)
     if accelerator.is_main_process:
+        check_output_dir(out, resume)  # before config.yaml: a refused run overwrites nothing
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
         n_params = sum(p.numel() for p in model.parameters())

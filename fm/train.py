@@ -156,6 +156,15 @@ class TrainResult:
     accuracy, macro_f1, n)."""
 
 
+def check_output_dir(output_dir: str | Path, resume: bool) -> None:
+    """A new run may not start in a directory holding another run's checkpoints. Called before anything is
+    written there (config.yaml included), so the message's "nothing was overwritten" holds."""
+    out = Path(output_dir)
+    if not resume and latest_checkpoint(out) is not None:
+        raise FileExistsError(f"{out} already holds checkpoints of a run; pass --resume to continue it "
+                              "or choose another train.output_dir (nothing was overwritten).")
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """Accelerator for this launch; gloo when several CPU processes (see DESIGN 'Known traps')."""
     handlers = []
@@ -298,9 +307,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
     accelerator = accelerator or make_accelerator(cfg)
     if getattr(collator, "pad_to_multiple_of", 0) is None:  # by device: 8 on CUDA, 1 on CPU
         collator = replace(collator, pad_to_multiple_of=pad_multiple(accelerator.device))
-    if not resume and latest_checkpoint(out) is not None:
-        raise FileExistsError(f"{out} already holds checkpoints of a run; pass --resume to continue it "
-                              "or choose another train.output_dir (nothing was overwritten).")
+    check_output_dir(out, resume)
     set_seed(cfg.seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # transformers 5 alias of activation checkpointing

@@ -64,3 +64,4 @@ def test_inference_autocasts_bf16_on_gpus_only(monkeypatch):
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
     monkeypatch.setenv("FM_INFERENCE_FP32", "1")
     assert not isinstance(inference_precision(torch.device("cuda"), model), torch.autocast)
+

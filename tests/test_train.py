@@ -199,3 +199,20 @@ def test_early_stopping_without_periodic_evaluation_is_off_and_says_so(tmp_path,
     assert result.step == 12 and not result.early_stopped and result.best_step is None
     assert "train.eval_every is 0, so early stopping is off" in caplog.text
     assert torch.equal(exported["theta.weight"], result.model.theta.weight.detach())
+
+
+def test_a_refused_run_overwrites_nothing(tmp_path, small_h5ad_path):
+    """A second run into a directory with checkpoints is refused before anything is written: its config.yaml
+    still describes the finished run (it used to be rewritten with the refused run's settings)."""
+    from conftest import tiny_overrides
+
+    from fm.config import load_config
+    from fm.paths import recipe_path
+    from fm.pretrain import run_pretraining
+
+    run_pretraining(load_config(recipe_path("debug"), tiny_overrides(tmp_path / "run", [small_h5ad_path], steps=2)))
+    before = (tmp_path / "run" / "config.yaml").read_bytes()
+    again = load_config(recipe_path("debug"), tiny_overrides(tmp_path / "run", [small_h5ad_path], steps=5))
+    with pytest.raises(FileExistsError, match="nothing was overwritten"):
+        run_pretraining(again)
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == before

@@ -21,7 +21,7 @@ import numpy as np
 
 from fm.config import RunConfig
 from fm.tokenizer import CellTokenizer, EncodedCells, split_cells, subset_cells
-from fm.train import TrainResult, make_accelerator, train
+from fm.train import TrainResult, check_output_dir, make_accelerator, train
 
 log = logging.getLogger("fm")
 
@@ -172,6 +172,7 @@ def train_task(model, tokenizer: CellTokenizer, train_cells, val_cells, collator
     accelerator = accelerator or make_accelerator(cfg.train)
     if accelerator.is_main_process:
         out = Path(cfg.train.output_dir)
+        check_output_dir(out, resume)  # before config.yaml: a refused run overwrites nothing
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
         log.info("%s: %d training cells, %d held out", cfg.task.name, len(train_cells),
