@@ -129,7 +129,34 @@ class RankEncoding(_Discrete):
 
 
 @dataclass(frozen=True)
-class ContinuousEncoding:
+class _Float:
+    """Shared part of the float encodings: values >= 0 as float32, the negative sentinels -1.0 (mask) and -2.0
+    (pad) that the continuous value encoder maps to learned vectors, the true value as the pretraining target."""
+
+    n_bins: int = 51  # unused by most float values; kept so a config's n_bins round-trips unchanged
+    name: ClassVar[str] = ""
+    discrete: ClassVar[bool] = False
+    mask_value_id: ClassVar[float] = -1.0
+    pad_value_id: ClassVar[float] = -2.0
+
+    def __post_init__(self):
+        check_n_bins(self.n_bins)
+
+    def target(self, labels):
+        return labels
+
+
+def _per_cell_scale(indptr: np.ndarray, counts: np.ndarray, target_sum: float) -> tuple[np.ndarray, np.ndarray]:
+    """(counts as float64, target_sum / the cell's total for each entry): library-size normalisation of CSR rows
+    over the entries each row holds."""
+    counts = np.asarray(counts, np.float64)
+    row = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    total = np.bincount(row, weights=counts, minlength=len(indptr) - 1)
+    return counts, (target_sum / np.where(total > 0, total, 1.0))[row]
+
+
+@dataclass(frozen=True)
+class ContinuousEncoding(_Float):
     """log1p(count / cell total * 1e4) as float32 (scanpy's normalize_total(1e4) + log1p).
 
     Normalising by the cell's total (over the vocabulary genes its row holds) keeps library size
@@ -138,71 +165,39 @@ class ContinuousEncoding:
     sentinels -1.0 / -2.0, which the model's continuous value encoder replaces by learned vectors.
     """
 
-    n_bins: int = 51  # unused by the values; kept so a config's n_bins round-trips unchanged
     name: ClassVar[str] = "continuous"
-    discrete: ClassVar[bool] = False
-    mask_value_id: ClassVar[float] = -1.0
-    pad_value_id: ClassVar[float] = -2.0
     target_sum: ClassVar[float] = TARGET_SUM
 
-    def __post_init__(self):
-        check_n_bins(self.n_bins)
-
     def encode(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        counts = np.asarray(counts, np.float64)
-        row = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-        total = np.bincount(row, weights=counts, minlength=len(indptr) - 1)
-        scale = self.target_sum / np.where(total > 0, total, 1.0)
-        return np.log1p(counts * scale[row]).astype(np.float32)
-
-    def target(self, labels):
-        return labels
+        counts, scale = _per_cell_scale(indptr, counts, self.target_sum)
+        return np.log1p(counts * scale).astype(np.float32)
 
 
 @dataclass(frozen=True)
-class BinValueEncoding:
+class BinValueEncoding(_Float):
     """scGPT's per-cell bins (as `bins`), handed to the model as float numbers: the input of scGPT's
     `input_emb_style: continuous` (its released checkpoints), whose value encoder is an MLP of the bin
     number. Mask / pad are scGPT's -1.0 / -2.0; the pretraining target is the bin itself (scGPT's MSE)."""
 
-    n_bins: int = 51
     name: ClassVar[str] = "bin_values"
-    discrete: ClassVar[bool] = False
-    mask_value_id: ClassVar[float] = -1.0
-    pad_value_id: ClassVar[float] = -2.0
-
-    def __post_init__(self):
-        check_n_bins(self.n_bins)
 
     def encode(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return bin_csr(indptr, counts, self.n_bins).astype(np.float32)
 
-    def target(self, labels):
-        return labels
-
 
 @dataclass(frozen=True)
-class GeneformerEncoding:
+class GeneformerEncoding(_Float):
     """Geneformer's normalised expression, count / cell total × 1e4, as float32 (the collator then divides by
     each gene's median, `CellCollator.gene_medians`, and orders the genes by it: Geneformer's rank-value
     encoding). A BERT backbone reads only the gene order, never these values; they are kept so a batch shows
     what the order was made from. The cell total is over the genes the row holds (Geneformer's n_counts counts
     every gene): a per-cell factor, which changes no order. Mask / pad are the sentinels -1.0 / -2.0."""
 
-    n_bins: int = 51  # unused; kept so a config's n_bins round-trips unchanged
     name: ClassVar[str] = "geneformer"
-    discrete: ClassVar[bool] = False
-    mask_value_id: ClassVar[float] = -1.0
-    pad_value_id: ClassVar[float] = -2.0
-
-    def __post_init__(self):
-        check_n_bins(self.n_bins)
 
     def encode(self, indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        counts = np.asarray(counts, np.float64)
-        row = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-        total = np.bincount(row, weights=counts, minlength=len(indptr) - 1)
-        return (counts * (1e4 / np.where(total > 0, total, 1.0))[row]).astype(np.float32)
+        counts, scale = _per_cell_scale(indptr, counts, 1e4)
+        return (counts * scale).astype(np.float32)
 
     def target(self, labels):
         raise NotImplementedError("the geneformer encoding has no expression target: a Geneformer model is "
