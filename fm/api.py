@@ -77,11 +77,10 @@ def embed(adata, model, batch_size: int = 64, key: str | None = None, chunk_size
     untouched (copy=False returns the embedding). A view with copy=False is an error. Records
     adata.uns["fm"][key_added] (model, its hash, scfm version, settings).
     """
-    from fm.scverse import check_writable, output_adata, output_key, record
+    from fm.scverse import output_adata, record, start_call
 
-    key = output_key(key_added, key, "X_fm")
-    check_writable(adata, copy, "fm.embed")
-    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
+    key, inputs = start_call(adata, copy, "fm.embed", key_added, key, "X_fm", layer, use_raw,
+                             gene_key, allow_non_counts)
     out = cell_embeddings(adata, model, batch_size=batch_size, chunk_size=chunk_size, progress=progress,
                           drop_empty=drop_empty, desc="embed", **inputs)
     target = output_adata(adata, copy)

@@ -37,6 +37,15 @@ def output_key(key_added: str | None, key: str | None, default: str) -> str:
     return key_added or key or default
 
 
+def start_call(adata, copy: bool, function: str, key_added, key, default: str, layer=None, use_raw=False,
+               gene_key=None, allow_non_counts=None) -> tuple[str, dict]:
+    """What every AnnData function does first: its output key (key_added, alias key, default), the view check,
+    and its input settings as run_batched's keywords."""
+    key = output_key(key_added, key, default)
+    check_writable(adata, copy, function)
+    return key, {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
+
+
 def check_writable(adata, copy: bool, function: str) -> None:
     """Before any work: a view with copy=False is an error (its results would never reach the parent)."""
     if getattr(adata, "is_view", False) and not copy:
@@ -82,4 +91,4 @@ def record(adata, key: str, model, function: str, settings: dict) -> dict:
     return entry
 
 
-__all__ = ["INPUT_ARGS", "check_writable", "model_fingerprint", "output_adata", "output_key", "record"]
+__all__ = ["INPUT_ARGS", "check_writable", "start_call", "model_fingerprint", "output_adata", "output_key", "record"]

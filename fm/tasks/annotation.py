@@ -212,11 +212,10 @@ def transfer_labels(query, reference, model, label_key: str = "cell_type", k: in
     """
     import torch
 
-    from fm.scverse import check_writable, output_adata, output_key, record
+    from fm.scverse import output_adata, record, start_call
 
-    key = output_key(key_added, key, "fm_cell_type")
-    check_writable(query, copy, "fm.transfer_labels")
-    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
+    key, inputs = start_call(query, copy, "fm.transfer_labels", key_added, key, "fm_cell_type", layer, use_raw,
+                             gene_key, allow_non_counts)
 
     names = read_labels(reference.obs, label_key, "reference")
     known = np.flatnonzero(names != None)  # noqa: E711
@@ -268,11 +267,10 @@ def annotate(adata, model, key: str | None = None, threshold: float | None = Non
     """
     import torch
 
-    from fm.scverse import check_writable, output_adata, output_key, record
+    from fm.scverse import output_adata, record, start_call
 
-    key = output_key(key_added, key, "fm_cell_type")
-    check_writable(adata, copy, "fm.annotate")
-    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
+    key, inputs = start_call(adata, copy, "fm.annotate", key_added, key, "fm_cell_type", layer, use_raw,
+                             gene_key, allow_non_counts)
     if not hasattr(model, "classifier_head"):
         raise ValueError(f"{type(model).__name__} has no classifier head: load a model fine-tuned for annotation "
                          "(fm finetune recipes/finetune/annotation.yaml …)")

@@ -210,11 +210,10 @@ def integrate(adata, model, batch_key: str | None = None, key: str | None = None
     a modified copy (copy=False returns the embedding); a view with copy=False is an error. Records
     adata.uns["fm"][key_added].
     """
-    from fm.scverse import check_writable, output_adata, output_key, record
+    from fm.scverse import output_adata, record, start_call
 
-    key = output_key(key_added, key, "X_fm_integrated")
-    check_writable(adata, copy, "fm.integrate")
-    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
+    key, inputs = start_call(adata, copy, "fm.integrate", key_added, key, "X_fm_integrated", layer, use_raw,
+                             gene_key, allow_non_counts)
     fine_tuned = isinstance(model, ScFMForBatchCorrection)
     renamed = nullcontext()
     if fine_tuned:

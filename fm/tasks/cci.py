@@ -328,11 +328,10 @@ def interactions(adata, model, groupby: str = "cell_type", resource="consensus",
     var[gene_key]; key_added (default "fm_interactions"; `key` is its alias); copy=True returns a modified copy
     (copy=False returns the frame); a view with copy=False is an error. Records adata.uns["fm"][key_added].
     """
-    from fm.scverse import check_writable, output_adata, output_key, record
+    from fm.scverse import output_adata, record, start_call
 
-    key_added = output_key(key_added, key, "fm_interactions")
-    check_writable(adata, copy, "fm.interactions")
-    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
+    key_added, inputs = start_call(adata, copy, "fm.interactions", key_added, key, "fm_interactions", layer, use_raw,
+                             gene_key, allow_non_counts)
     codes, groups = group_codes(adata.obs, groupby)
     niche = isinstance(model, ScFMForCCI)
     if not niche:

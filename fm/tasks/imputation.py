@@ -214,11 +214,10 @@ def impute(adata, model, scale: str | None = None, key: str | None = None, batch
     (copy=False returns the matrix); a view with copy=False is an error. Records adata.uns["fm"][key_added].
     """
     from fm.inference import input_tokenizer
-    from fm.scverse import check_writable, output_adata, output_key, record
+    from fm.scverse import output_adata, record, start_call
 
-    key = output_key(key_added, key, "fm_imputed")
-    check_writable(adata, copy, "fm.impute")
-    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
+    key, inputs = start_call(adata, copy, "fm.impute", key_added, key, "fm_imputed", layer, use_raw,
+                             gene_key, allow_non_counts)
     if use_raw and adata.raw is not None and not adata.raw.var_names.equals(adata.var_names):
         raise ValueError(f"fm.impute: use_raw=True needs adata.raw with adata's genes (the imputed layer is over "
                          f"adata's {adata.n_vars} columns; raw has {adata.raw.n_vars}). Put the counts in a layer "

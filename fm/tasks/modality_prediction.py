@@ -186,11 +186,10 @@ def predict_protein(adata, model, key: str | None = None, batch_size: int = 64, 
     modified copy (copy=False returns the DataFrame); a view with copy=False is an error. Records
     adata.uns["fm"][key_added].
     """
-    from fm.scverse import check_writable, output_adata, output_key, record
+    from fm.scverse import output_adata, record, start_call
 
-    key = output_key(key_added, key, "fm_protein")
-    check_writable(adata, copy, "fm.predict_protein")
-    inputs = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key, "allow_non_counts": allow_non_counts}
+    key, inputs = start_call(adata, copy, "fm.predict_protein", key_added, key, "fm_protein", layer, use_raw,
+                             gene_key, allow_non_counts)
     if not hasattr(model, "protein_head"):
         raise ValueError(f"{type(model).__name__} has no protein head: load a model fine-tuned for modality "
                          "prediction (fm finetune recipes/finetune/modality_prediction.yaml …)")
