@@ -57,12 +57,19 @@ def _cmd_embed(args) -> int:
 
     import fm
     from fm.data import open_anndata
+    from fm.paths import respect_umask
 
     model = fm.load(args.model, device=args.device)
+    model.cell_tokenizer.allow_untrained_genes = args.allow_untrained_genes
     adata = open_anndata(args.input, backed=False)
-    fm.embed(adata, model, batch_size=args.batch_size, key_added=args.key, progress=True, drop_empty=args.drop_empty,
-             layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key,
-             allow_non_counts=True if args.allow_non_counts else None)
+    try:
+        fm.embed(adata, model, batch_size=args.batch_size, key_added=args.key, progress=True,
+                 drop_empty=args.drop_empty, layer=args.layer, use_raw=args.use_raw, gene_key=args.gene_key,
+                 allow_non_counts=True if args.allow_non_counts else None)
+    except (ValueError, KeyError) as e:  # name the file: the API's messages say "input"
+        text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        text = f"{args.input}:{text[len('input:'):]}" if text.startswith("input:") else f"{args.input}: {text}"
+        raise type(e)(text) from e
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     # write beside the target then rename: an interrupted write never clobbers an existing file
@@ -70,6 +77,7 @@ def _cmd_embed(args) -> int:
     os.close(fd)
     try:
         ad.AnnData.write_h5ad(adata, tmp)
+        respect_umask(tmp)  # mkstemp creates 0600
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -108,9 +116,19 @@ def _cmd_demo(args) -> int:
     return run_demo(output_dir=args.output_dir, overrides=args.overrides)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scfm")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm", description="scfm: single-cell foundation models")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain from a recipe (YAML) with dotted overrides")
@@ -128,17 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("embed", help="zero-shot cell embeddings into obsm of an .h5ad")
-    p.add_argument("--model", required=True, help="exported model directory")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--model", required=True,
+                   help="exported model directory, or a scGPT / Geneformer checkpoint directory as released")
+    p.add_argument("--input", required=True, help=".h5ad of raw counts (cells x genes)")
+    p.add_argument("--output", required=True, help=".h5ad to write: the input plus obsm[KEY]")
     p.add_argument("--key", "--key-added", dest="key", default="X_fm", help="obsm key of the embedding")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--drop-empty", action="store_true", help="give cells without vocabulary genes NaN rows")
     p.add_argument("--layer", default=None, help="read counts from adata.layers[LAYER] instead of X")
     p.add_argument("--use-raw", action="store_true", help="read counts and genes from adata.raw")
     p.add_argument("--gene-key", default=None, help="var column holding gene symbols / Ensembl IDs (default: var_names)")
     p.add_argument("--allow-non-counts", action="store_true", help="accept non-integer values (binned as they are)")
+    p.add_argument("--allow-untrained-genes", action="store_true",
+                   help="embed even when most input genes are ones the model never trained on (another species/panel)")
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("convert", help="import a scGPT / Geneformer checkpoint as an scfm export (or export to scGPT)")
@@ -149,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("demo", help="the end-to-end job: pretrain the debug recipe, embed, write .h5ad, summarise")
-    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--output-dir", default="runs/demo", help="run directory (default runs/demo); an earlier demo there is reused")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=50")
     p.set_defaults(func=_cmd_demo)
     __import__("fm.eval.cli", fromlist=["add_eval_parser"]).add_eval_parser(sub)

@@ -41,6 +41,9 @@ class ScFMConfig(PretrainedConfig):
         # writes them ascending, an imported checkpoint keeps its own row order); None: one row per vocab id.
         # Pretraining keeps the specials + its corpus' genes: the other rows would never train.
         gene_table: list[int] | None = None,
+        # vocab ids of the pretraining data's genes when gene_table holds more (model.gene_table=full: the other rows
+        # never trained); None: gene_table is that set, or it is unknown. The tokenizer refuses input mostly outside it.
+        trained_genes: list[int] | None = None,
         n_bins: int = 51,  # value tokens 0..n_bins-1 are expression bins (0 = not expressed), as scGPT
         value_encoding: str = "bins",  # counts -> values: "bins" | "rank" | "continuous" (fm.value_encoding)
         d_model: int = 512,  # hidden size, scGPT's
@@ -127,6 +130,7 @@ class ScFMConfig(PretrainedConfig):
             kwargs.setdefault("tie_word_embeddings", b.get("tie_word_embeddings", True))
         self.vocab_size = int(vocab_size)
         self.gene_table = None if gene_table is None else [int(i) for i in gene_table]
+        self.trained_genes = None if trained_genes is None else [int(i) for i in trained_genes]
         self.n_bins = int(n_bins)
         self.value_encoding = str(value_encoding)
         self.d_model = int(d_model)

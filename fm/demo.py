@@ -60,7 +60,8 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None) 
         overrides.append(f"data.paths=[{adata_path}]")
     cfg = load_config(recipe_path("debug"), overrides)
     # a finished earlier demo run is reused (resumed at its last step), not retrained
-    result = run_pretraining(cfg, resume=latest_checkpoint(Path(cfg.train.output_dir)) is not None)
+    reused = latest_checkpoint(Path(cfg.train.output_dir))
+    result = run_pretraining(cfg, resume=reused is not None)
     train_s = time.perf_counter() - t0
 
     model = fm.load(result.export_dir)
@@ -75,9 +76,13 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None) 
     print("\n=== scfm demo summary ===")
     print(f"input            {source} ({adata.n_obs} cells × {adata.n_vars} genes)")
     print(f"model            {result.export_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
+    if reused is not None:
+        print(f"pretraining      reused the checkpoint {reused} of an earlier demo run (step {result.step}; not "
+              f"timed: delete {out} to retrain from scratch)")
     if history:
         first, last = history[0], history[-1]
-        print(f"pretraining      {result.step} steps in {train_s:.0f}s; loss {first['loss']:.4f} (step "
+        timing = "continued" if reused is not None else f"in {train_s:.0f}s"
+        print(f"pretraining      {result.step} steps {timing}; loss {first['loss']:.4f} (step "
               f"{int(first['step'])}) → {last['loss']:.4f} (step {int(last['step'])}), ratio "
               f"{last['loss'] / first['loss']:.2f}")
     print(f"embedding        obsm['X_fm'] {emb.shape} in {embed_s:.1f}s → {embedded}")

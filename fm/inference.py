@@ -16,6 +16,7 @@ a given input, chunk_size and batch_size.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
@@ -25,6 +26,9 @@ from tqdm.auto import tqdm
 
 UNKNOWN = "unknown"
 """Label a cell gets when its top class score is below the threshold."""
+UNKNOWN_WARN_SHARE = 0.2
+"""write_labels warns when more than this share of the cells come out UNKNOWN."""
+log = logging.getLogger("fm")
 
 
 def backbone(model):
@@ -153,7 +157,14 @@ def write_labels(adata, key: str, probabilities: np.ndarray, classes: list[str],
     best = probabilities.argmax(axis=1)
     confidence = probabilities[np.arange(len(probabilities)), best].astype(np.float32)
     labels = np.asarray(classes, dtype=object)[best]
-    labels[confidence < threshold] = UNKNOWN
+    unsure = confidence < threshold
+    labels[unsure] = UNKNOWN
+    if len(labels) and unsure.mean() > UNKNOWN_WARN_SHARE:
+        log.warning("%s: %d of %d cells (%.0f %%) are %r: their top-class probability is below the threshold %.2f "
+                    "(median %.2f). The cells may be of types the classifier was not trained on, of another "
+                    "species or panel, or not raw counts; a lower threshold (threshold=…, 0 = never unknown) "
+                    "labels them anyway", key, int(unsure.sum()), len(labels), 100 * unsure.mean(), UNKNOWN,
+                    threshold, float(np.median(confidence)))
     adata.obs[key] = pd.Categorical(labels, categories=list(classes) + ([UNKNOWN] if UNKNOWN not in classes else []))
     adata.obs[key + "_confidence"] = confidence
     adata.obsm[key + "_probabilities"] = probabilities

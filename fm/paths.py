@@ -56,3 +56,25 @@ def recipe_path(name_or_path: str | Path) -> Path:
             if candidate.is_file():
                 return candidate
     raise FileNotFoundError(f"recipe not found: {name_or_path} (a YAML path, or a shipped name like 'debug')")
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete `.tmp*` files a killed writer left in `directory` (safetensors writes `.tmpXXXXXX` beside the target
+    and renames it; a kill in between leaves it behind, and no later save removes it). Returns what was removed."""
+    removed = [p for p in Path(directory).glob(".tmp*") if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def respect_umask(*paths: str | Path) -> None:
+    """Give files the mode the user's umask asks for (0644 under umask 022): temp-file-then-rename writers
+    (tempfile.mkstemp, safetensors) create 0600 files, which other users of a shared model directory cannot read.
+    Directories are walked; only regular files are changed."""
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for path in map(Path, paths):
+        for p in ([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
+            if p.is_file() and (p.stat().st_mode & 0o777) != mode:
+                p.chmod(mode)

@@ -31,15 +31,19 @@ def build_tokenizer(cfg: RunConfig) -> CellTokenizer:
 
 def build_model(cfg: RunConfig, tokenizer: CellTokenizer, genes: np.ndarray | None = None) -> ScFMForMaskedExpression:
     """A fresh model (or model.init_from's) for `tokenizer`; `genes`: the vocab ids of the training data — the
-    gene table is those plus the special tokens (None: the whole vocabulary). The tokenizer takes the same
-    table, so the exported directory encodes only genes the model has rows for."""
+    gene table is those plus the special tokens (model.gene_table=full or None: the whole vocabulary, `genes` then
+    recorded as config.trained_genes). The tokenizer takes the same table and trained set, so the exported
+    directory encodes only genes the model has rows for and refuses input mostly outside what it trained on."""
     if cfg.model.init_from:
         return ScFMForMaskedExpression.from_pretrained(cfg.model.init_from)
     m = cfg.model
-    table = None if genes is None else gene_table(genes, tokenizer)
+    table = None if genes is None or m.gene_table == "full" else gene_table(genes, tokenizer)
+    trained = None if genes is None or table is not None else np.asarray(genes, dtype=np.int64)
     tokenizer.gene_table = None if table is None else np.asarray(table, dtype=np.int64)
+    tokenizer.trained_genes = trained
     arch = ARCHITECTURES[m.architecture]
     config = ScFMConfig(vocab_size=len(tokenizer.vocab), gene_table=table, n_bins=m.n_bins,
+                        trained_genes=None if trained is None else trained[trained >= 0].tolist(),
                         value_encoding=arch.get("value_encoding", cfg.data.value_encoding),
                         d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout,
                         max_genes=cfg.data.max_genes, condition_keys=tokenizer.condition_keys,
@@ -115,8 +119,7 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
     if corpus is not None:
         train_cells, tokenizer = open_corpus(corpus, cfg, tokenizer)
         val_cells = train_cells.heldout()
-        if cfg.model.gene_table == "corpus":
-            genes = corpus_genes(corpus)
+        genes = corpus_genes(corpus)
     else:
         if cells is None:
             if not cfg.data.paths:
@@ -124,8 +127,7 @@ def run_pretraining(cfg: RunConfig, resume: bool = False, cells: EncodedCells | 
                                  "data.paths=[a.h5ad,b.h5ad]")
             cells = encode_files(cfg.data.resolved_paths(), tokenizer, fit_conditions=not cfg.model.init_from)
         train_cells, val_cells = split_cells(cells, cfg.data.val_fraction, cfg.train.seed)
-        if cfg.model.gene_table == "corpus":
-            genes = encoded_genes(cells, len(tokenizer.vocab))
+        genes = encoded_genes(cells, len(tokenizer.vocab))
     model = build_model(cfg, tokenizer, genes)
     if cfg.model.gene_init == "coexpression" and not cfg.model.init_from:
         from fm.gene_init import init_gene_table_from_corpus

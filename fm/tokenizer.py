@@ -117,7 +117,8 @@ class CellTokenizer:
     def __init__(self, vocab: GeneVocab | None = None, n_bins: int = 51, condition_keys: Sequence[str] = (),
                  condition_categories: dict[str, list[str]] | None = None, gene_key: str | None = None,
                  layer: str | None = None, min_matched_fraction: float = 0.2, allow_non_counts: bool = False,
-                 gene_table: Sequence[int] | None = None, model_genes: dict[str, int] | None = None):
+                 gene_table: Sequence[int] | None = None, model_genes: dict[str, int] | None = None,
+                 trained_genes: Sequence[int] | None = None):
         self.vocab = vocab or GeneVocab.default()
         # an imported checkpoint's own gene names (scGPT symbols, Geneformer Ensembl IDs) → token id: matched
         # exactly before the vocabulary, as the checkpoint's own code matches them. Ids >= len(vocab) are genes
@@ -126,6 +127,11 @@ class CellTokenizer:
         # vocab ids the model has embedding rows for (ScFMConfig.gene_table); None = every vocab id. Genes
         # outside it are dropped at encoding: their rows were never trained (a compact table has none).
         self.gene_table = None if gene_table is None else np.asarray(gene_table, dtype=np.int64)
+        # vocab ids of the genes the model was pretrained on, when its gene table holds more (model.gene_table=full;
+        # ScFMConfig.trained_genes); with a compact table the table is that set. Input mostly outside it (another
+        # species, another panel) is refused unless allow_untrained_genes: its rows never trained.
+        self.trained_genes = None if trained_genes is None else np.asarray(trained_genes, dtype=np.int64)
+        self.allow_untrained_genes = False  # a per-model override, never saved (fm embed --allow-untrained-genes)
         self.n_bins = n_bins
         self.condition_keys = list(condition_keys)
         self.condition_categories = {k: list(v) for k, v in (condition_categories or {}).items()}
@@ -200,6 +206,7 @@ class CellTokenizer:
             raise ValueError(f"{match.summary()} — below the minimum {self.min_matched_fraction:.0%}. "
                              f"Unmatched examples: {examples}. Point gene_key at a var column of gene "
                              "symbols or Ensembl IDs, or lower min_matched_fraction if this is expected.")
+        self._check_trained_genes(match)
         if self.gene_table is not None:
             match = self._restrict_to_table(match, names)
             ids = match.vocab_ids
@@ -234,6 +241,30 @@ class CellTokenizer:
                     return str(column)
         return None
 
+    def _check_trained_genes(self, match: GeneMatch) -> None:
+        """Refuse input whose genes are mostly ones the model never trained on (mouse cells through a human model,
+        another panel): below min_matched_fraction of both the input's vocabulary genes and the model's trained
+        genes, as in _restrict_to_table. The error names both counts and species; allow_untrained_genes overrides."""
+        trained = self.gene_table if self.gene_table is not None else self.trained_genes
+        if trained is None or self.allow_untrained_genes:
+            return
+        trained = trained[trained >= self.vocab.n_special]
+        ids = match.vocab_ids[match.vocab_ids >= self.vocab.n_special]
+        inside = int(np.isin(ids, trained).sum())
+        if inside >= self.min_matched_fraction * min(ids.size, trained.size):
+            return
+        species, counts = np.unique(self.vocab.species_of(trained), return_counts=True)
+        model_species = ", ".join(f"{n} {sp}" for sp, n in sorted(zip(species, counts), key=lambda t: -t[1]) if sp)
+        raise ValueError(
+            f"{match.source or 'input'}: only {inside} of its {ids.size} vocabulary genes ({match.species}) are genes "
+            f"this model was pretrained on ({model_species} genes) — below the minimum {self.min_matched_fraction:.0%}. "
+            "Its other genes have embedding rows that never trained, so the output would be meaningless"
+            + (" (another species than the model's)" if match.species not in species else "")
+            + ". Use a model pretrained on this species/panel"
+            + (", or run anyway with model.cell_tokenizer.allow_untrained_genes = True (fm embed: "
+               "--allow-untrained-genes)." if self.gene_table is None or inside else
+               " (this model has no embedding rows for them at all: its gene table holds only its pretraining genes)."))
+
     def _restrict_to_table(self, match: GeneMatch, names: pd.Index) -> GeneMatch:
         """Drop (and report once, with examples) the genes the model has no embedding row for.
 
@@ -252,7 +283,7 @@ class CellTokenizer:
         log.warning("%s: %d of its %d vocabulary genes are not in this model's gene table (the %d genes of its "
                     "pretraining data), e.g. %s; they are dropped — the model never learned them",
                     source, kept.n_outside_table, n_vocab, n_model, names[outside][:5].tolist())
-        if kept.n_matched < self.min_matched_fraction * min(n_vocab, n_model):
+        if kept.n_matched < self.min_matched_fraction * min(n_vocab, n_model) and not self.allow_untrained_genes:
             raise ValueError(
                 f"{kept.summary()} — below the minimum {self.min_matched_fraction:.0%} both of its vocabulary genes "
                 f"and of the model's {n_model} genes. Dropped examples: {names[outside][:5].tolist()}. Use a model "
@@ -262,13 +293,17 @@ class CellTokenizer:
 
     def for_config(self, config) -> "CellTokenizer":
         """This tokenizer with the gene table of a model config (itself when it already has that table)."""
-        table = getattr(config, "gene_table", None)
-        same = (table is None and self.gene_table is None) or (
-            table is not None and self.gene_table is not None and np.array_equal(self.gene_table, table))
-        if same:
+        table, trained = config.gene_table, config.trained_genes
+
+        def same(ours, theirs) -> bool:
+            return (ours is None and theirs is None) or (
+                ours is not None and theirs is not None and np.array_equal(ours, theirs))
+
+        if same(self.gene_table, table) and same(self.trained_genes, trained):
             return self
         other = copy.copy(self)
         other.gene_table = None if table is None else np.asarray(table, dtype=np.int64)
+        other.trained_genes = None if trained is None else np.asarray(trained, dtype=np.int64)
         return other
 
     # ------------------------------------------------------------------ conditions
@@ -391,8 +426,9 @@ class CellTokenizer:
         if expected and expected != vocab.sha256:
             raise ValueError(f"{directory}: gene vocabulary does not match the one this tokenizer was saved with")
         model_config = directory / MODEL_CONFIG_FILE  # the model's gene table: its config holds the one copy
-        table = json.loads(model_config.read_text()).get("gene_table") if model_config.is_file() else None
-        return cls(vocab=vocab, gene_table=table, **config)
+        fields = json.loads(model_config.read_text()) if model_config.is_file() else {}
+        return cls(vocab=vocab, gene_table=fields.get("gene_table"), trained_genes=fields.get("trained_genes"),
+                   **config)
 
 
 def split_cells(cells, val_fraction: float, seed: int):

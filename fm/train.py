@@ -39,9 +39,10 @@ from transformers import get_cosine_schedule_with_warmup
 from fm.config import TrainConfig
 from fm.data.collator import pad_multiple
 from fm.early_stopping import EarlyStopping
+from fm.paths import remove_stale_temp_files, respect_umask
 from fm.precision import resolve_mixed_precision
 from fm.train_state import (CHECKPOINTS, EXIT_PREEMPTED, STATE_FILE, StopSignal, append_history, latest_checkpoint,
-                            log_eval, open_history, process_counters, read_state, save_checkpoint)
+                             load_checkpoint, log_eval, open_history, process_counters, read_state, save_checkpoint)
 
 log = logging.getLogger("fm")
 
@@ -331,7 +332,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
 
     step, epoch, offset = 0, 0, 0
     if resume and (ckpt := latest_checkpoint(out)) is not None:
-        accelerator.load_state(str(ckpt))
+        load_checkpoint(accelerator, ckpt)
         state = read_state(ckpt)
         step = state["step"]
         epoch, offset = _resume_position(state, cfg, world, micro_per_epoch)
@@ -428,7 +429,10 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
         # collective: every rank must call it (ZeRO-3 gathers the shards); non-main ranks get None
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
+            if export_dir.is_dir() and (stale := remove_stale_temp_files(export_dir)):
+                log.info("removed %d temporary file(s) an interrupted export left in %s", len(stale), export_dir)
             export(accelerator.unwrap_model(model), stopper.weights or state_dict, export_dir)
+            respect_umask(export_dir)
     accelerator.wait_for_everyone()
     return TrainResult(step, history, export_dir, model=model, early_stopped=stopper.should_stop,
                        best_step=stopper.best_step, best_metric=stopper.best)

@@ -32,6 +32,37 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+class _RandomStateWatch(logging.Handler):
+    """Catches accelerate's INFO "Could not load random states" (load_state swallows the error)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.failed |= "Could not load random states" in record.getMessage()
+
+
+def load_checkpoint(accelerator: Accelerator, ckpt: Path) -> None:
+    """`accelerator.load_state`, with a WARNING naming the consequence when the RNG state could not be restored
+    (accelerate itself only logs INFO and continues): dropout and masking then differ from the interrupted run."""
+    watch = _RandomStateWatch()
+    logger = logging.getLogger("accelerate.checkpointing")
+    logger.addHandler(watch)
+    level = logger.level
+    logger.setLevel(min(level or logging.INFO, logging.INFO))  # the INFO record must reach the handler
+    try:
+        accelerator.load_state(str(ckpt))
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(level)
+    if watch.failed:
+        log.warning("resume from %s: the random-number state (random_states_%d.pkl) could not be read, so it was "
+                    "NOT restored: weights, optimizer and data position are resumed, but dropout and masking draws "
+                    "differ from the interrupted run (the result is no longer bit-identical to an uninterrupted one)",
+                    ckpt, accelerator.process_index)
+
+
 def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE_FILE).read_text())
 

@@ -155,9 +155,12 @@ def tiny_model_dir(tmp_path_factory, small_h5ad_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_full_model_dir(tmp_path_factory, small_h5ad_path) -> Path:
-    """tiny_model_dir with a full gene table (a row per vocabulary id, as every checkpoint before compact
-    tables): for reading data whose genes the PBMC-only table mostly lacks (fm eval's ci suites)."""
-    return _tiny_pretrained(tmp_path_factory, "tiny_full_run", [small_h5ad_path],
+    """A tiny model with a full gene table (a row per vocabulary id, as every checkpoint before compact tables),
+    pretrained on small_h5ad_path's cells and, when the shared data is there, CellBench's (fm eval's ci suites
+    read CellBench, whose genes a PBMC-only model never trained on: the tokenizer rightly refuses such input)."""
+    cellbench = data_dir() / "h5ad" / "cellbench_3cl_celseq2_dropseq.h5ad"
+    return _tiny_pretrained(tmp_path_factory, "tiny_full_run",
+                            [small_h5ad_path] + ([cellbench] if cellbench.is_file() else []),
                             **{"model.gene_table": "full"})
 
 

@@ -68,8 +68,9 @@ def test_suite_typos_are_errors(tmp_path, patch, message):
 
 @pytest.fixture(scope="module")
 def ci_runs(tmp_path_factory, request):
-    """The three ci suites, once, with the tiny session model as the FM (rows fm_…[<name>]); its full-table
-    twin: a PBMC-only compact table lacks most CellBench genes, and the tokenizer rightly refuses them."""
+    """The three ci suites, once, with a tiny session model pretrained on PBMC and CellBench cells as the FM
+    (rows fm_…[<name>]): a PBMC-only model never trained on most CellBench genes, and the tokenizer rightly
+    refuses them."""
     real_file("pbmc3k_seurat_hvg2000_labeled.h5ad")
     real_file("cellbench_3cl_celseq2_dropseq.h5ad")
     model = request.getfixturevalue("tiny_full_model_dir")

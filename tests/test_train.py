@@ -55,10 +55,26 @@ def test_resume_continues_with_the_same_losses(tmp_path, small_h5ad_path):
 def test_refuses_to_overwrite_a_run(tmp_path, small_h5ad_path):
     cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [small_h5ad_path], 2))
     run_pretraining(cfg)
-    before = (tmp_path / "train_log.csv").read_text()
+    before = _snapshot(tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
-        run_pretraining(cfg)
-    assert (tmp_path / "train_log.csv").read_text() == before
+        run_pretraining(load_config(recipe_path("debug"), tiny_overrides(tmp_path, [small_h5ad_path], 5)))
+    assert _snapshot(tmp_path) == before, "a refused run writes nothing (config.yaml included)"
+
+
+def _snapshot(root):
+    """Every file under root: bytes and mode (a refused run must leave the directory byte-identical)."""
+    return {p.relative_to(root): (p.read_bytes(), p.stat().st_mode) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_unreadable_rng_state_warns(tmp_path, small_h5ad_path, caplog):
+    cfg = load_config(recipe_path("debug"), tiny_overrides(tmp_path, [small_h5ad_path], 4, **{"train.save_every": 2}))
+    run_pretraining(cfg)
+    shutil.rmtree(tmp_path / CHECKPOINTS / "step_4")
+    (tmp_path / CHECKPOINTS / "step_2" / "random_states_0.pkl").write_bytes(b"truncated")
+    with caplog.at_level("WARNING", logger="fm"):
+        assert run_pretraining(cfg, resume=True).step == 4
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "random-number state" in r.getMessage()]
+    assert warned and "NOT restored" in warned[0].getMessage()
 
 
 def test_conditions_become_tokens(tmp_path, batch_h5ad_path):
