@@ -13,7 +13,8 @@ from fm.eval.tasks.batch_correction import METRIC_GROUPS
 def _results() -> pd.DataFrame:
     metrics = {"total": (0.90, 0.93), "bio_conservation": (0.88, 0.94), "batch_correction": (0.5, 0.6),
                "kmeans_ari": (0.88, 0.94), "ilisi": (0.2, 0.3), "custom_metric": (0.1, np.nan)}
-    rows = [dict(task="batch_correction", dataset="d", method=method, metric=metric, value=values[k], seed=0)
+    rows = [{"task": "batch_correction", "dataset": "d", "method": method, "metric": metric, "value": values[k],
+             "seed": 0}
             for metric, values in metrics.items() for k, method in enumerate(("unintegrated", "pca"))]
     return pd.DataFrame(rows)
 
@@ -22,7 +23,7 @@ def test_heatmap_absolute_scale_colorbar_and_groups(tmp_path):
     path = tmp_path / "table.png"
     fig = plot_metric_heatmap(_results(), path, "total", True, METRIC_GROUPS)
     assert path.is_file() and path.stat().st_size > 0
-    (ax, *rest) = [a for a in fig.axes if a.images]
+    ax = next(a for a in fig.axes if a.images)
     image = ax.images[0]
     assert image.norm.vmin == 0.0 and image.norm.vmax == 1.0
     assert image.colorbar is not None and image.colorbar.ax in fig.axes
