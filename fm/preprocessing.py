@@ -25,9 +25,13 @@ def log_normalise(adata):
 
 
 def clr(counts: np.ndarray) -> np.ndarray:
-    """Per-cell CLR: log1p(x) minus the cell's mean log1p (Seurat CLR margin=1, muon prot.pp.clr)."""
-    logged = np.log1p(np.asarray(counts, dtype=np.float64))
-    return logged - logged.mean(axis=1, keepdims=True)
+    """Seurat's CLR with margin = 2 (per cell, across that cell's proteins), = muon
+    `prot.pp.clr(axis=1)`: log1p(x / exp(mean(log1p(x)))), the mean over all of the cell's ADTs,
+    zeros included. Per cell because a cell's ADT depth is what it corrects for; note Seurat's
+    default margin = 1 and muon's default axis = 0 are per *protein*, across cells."""
+    x = np.asarray(counts, dtype=np.float64)
+    geo = np.exp(np.log1p(x).mean(axis=1, keepdims=True))
+    return np.log1p(x / geo)
 
 
 __all__ = ["TARGET_SUM", "clr", "log_normalise"]

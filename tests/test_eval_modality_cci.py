@@ -25,15 +25,31 @@ def need(*files: str) -> None:
 
 
 # ---------------------------------------------------------------- modality: definitions
-def test_clr_matches_seurat_margin1():
+def _muon_clr(x: np.ndarray, axis: int) -> np.ndarray:
+    """muon's dense branch, reimplemented from scverse/muon muon/_prot/preproc.py `clr`:
+    np.log1p(x / np.exp(np.log1p(x).sum(axis=axis, keepdims=True) / x.shape[axis]))."""
+    return np.log1p(x / np.exp(np.log1p(x).sum(axis=axis, keepdims=True) / x.shape[axis]))
+
+
+def _seurat_clr(v: np.ndarray) -> np.ndarray:
+    """Seurat NormalizeData CLR's custom_function, applied to one margin's vector:
+    log1p(x / (exp(sum(log1p(x[x > 0]), na.rm = TRUE) / length(x))))."""
+    return np.log1p(v / np.exp(np.log1p(v[v > 0]).sum() / len(v)))
+
+
+def test_clr_is_seurat_margin2_and_muon_axis1():
+    """Per cell: Seurat margin 2 (columns = cells of a features × cells matrix) = muon axis=1 on cells × proteins."""
     from fm.preprocessing import clr
 
-    counts = np.array([[0, 9, 99], [5, 5, 5]], dtype=float)
+    rng = np.random.default_rng(0)
+    counts = np.vstack([[0, 9, 99], [5, 5, 5], [0, 0, 0], rng.poisson(20, 3)]).astype(float)
     out = clr(counts)
-    np.testing.assert_allclose(out.sum(axis=1), 0, atol=1e-12)
-    logged = np.log1p(counts[0])
-    np.testing.assert_allclose(out[0], logged - logged.mean())
-    np.testing.assert_allclose(out[1], 0, atol=1e-12)
+    np.testing.assert_allclose(out, _muon_clr(counts, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(out, np.stack([_seurat_clr(row) for row in counts]), rtol=1e-12)
+    assert not np.allclose(out[:2], _muon_clr(counts, axis=0)[:2])  # not the per-protein default
+    np.testing.assert_allclose(out[1], np.log1p(5 / 6))  # x / geometric mean of (1 + x): the pseudocount stays
+    np.testing.assert_array_equal(out[2], 0.0)  # all-zero cell: defined
+    assert (out >= 0).all()
 
 
 def test_protein_table_names_and_isotype_control():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from fm.progress import progress_bar
 from fm.tokenizer import UNKNOWN_CONDITION, CellTokenizer, EncodedCells, subset_cells
 
 log = logging.getLogger("fm")
@@ -139,8 +141,10 @@ def _shard_path(out: Path, source_id: int, k: int) -> Path:
     return out / f"data-{source_id:05d}-{k:05d}.arrow"
 
 
-def _build_source(job: dict, hook: Callable | None = None) -> dict:
-    """Encode one input into its shards (skipping finished ones); an error is returned, not raised."""
+def _build_source(job: dict, hook: Callable | None = None, done: Callable | None = None) -> dict:
+    """Encode one input into its shards (skipping finished ones); an error is returned, not raised.
+    `done(source_id, rows)` after each shard (progress; in a worker process: a queue to the parent)."""
+    done = done or _WORKER_DONE
     out, sid, name = Path(job["out"]), job["source_id"], job["name"]
     try:
         adata = open_input(job["item"])
@@ -165,6 +169,8 @@ def _build_source(job: dict, hook: Callable | None = None) -> dict:
                 if hook is not None:
                     hook(path)
             shards.append({"file": path.name, "source_id": sid, "rows": [lo, hi], **stats})
+            if done is not None:
+                done(sid, hi - lo)
         match = tok.match_genes(adata, name)
         if getattr(adata, "isbacked", False):
             adata.file.close()
@@ -202,34 +208,61 @@ def _atomic_write(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _run_jobs(jobs: list[dict], worker: Callable, workers: int, hook: Callable | None):
-    """Yield (job, result) in job order; several processes when workers > 1."""
+_WORKER_DONE: Callable | None = None
+"""In a build worker process: puts (source_id, rows) on the parent's progress queue."""
+
+
+def _init_worker(queue) -> None:
+    global _WORKER_DONE
+    _WORKER_DONE = (lambda sid, rows: queue.put((sid, rows))) if queue is not None else None
+
+
+def _drain(queue, done: Callable) -> None:
+    """Parent-side thread: forward the workers' shard counts to `done` until the None sentinel."""
+    for item in iter(queue.get, None):
+        done(*item)
+
+
+def _run_jobs(jobs: list[dict], worker: Callable, workers: int, hook: Callable | None, done: Callable | None = None):
+    """Yield (job, result) in job order; several processes when workers > 1. `done(source_id, rows)`
+    is called in this process as each shard finishes, whichever process wrote it."""
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            yield job, worker(job, hook)
+            yield job, worker(job, hook) if done is None else worker(job, hook, done)
         return
     # fork: workers inherit the imports (spawn re-imports torch per worker, ~10 s on a busy 2-core box);
     # inputs are opened only inside the workers, so no HDF5 handle crosses the fork
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
-        futures = [pool.submit(worker, job) for job in jobs]
-        try:
-            for job, f in zip(jobs, futures):
-                yield job, f.result()
-        finally:
-            for f in futures:
-                f.cancel()
+    ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+    queue = ctx.SimpleQueue() if done is not None else None
+    drain = threading.Thread(target=_drain, args=(queue, done), daemon=True) if queue is not None else None
+    if drain is not None:
+        drain.start()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+            futures = [pool.submit(worker, job) for job in jobs]
+            try:
+                for job, f in zip(jobs, futures):
+                    yield job, f.result()
+            finally:
+                for f in futures:
+                    f.cancel()
+    finally:
+        if drain is not None:
+            queue.put(None)
+            drain.join()
 
 
 def build_corpus(inputs: Sequence, output: str | Path, conditions: Sequence[str] = (), gene_key: str | None = None,
                  min_genes: int = 1, shard_size: int = 10_000, workers: int = 1, on_error: str = "stop",
-                 min_matched_fraction: float = 0.2, chunk_size: int = 2048, hook: Callable | None = None) -> dict:
+                 min_matched_fraction: float = 0.2, chunk_size: int = 2048, hook: Callable | None = None,
+                 progress: bool | None = None) -> dict:
     """Build (or resume) a corpus; returns the manifest. See the module docstring for the layout.
 
     Filters: cells with fewer than `min_genes` nonzero vocabulary genes are dropped (counted per source).
     `gene_key`: var column used when a file has it, else var_names. `on_error`: 'skip' reports a bad
     input (with its path) and leaves it out; 'stop' raises. `hook(shard_path)` runs after each shard
-    (tests use it to simulate an interruption).
+    (tests use it to simulate an interruption). `progress`: a bar of input cells on stderr as shards
+    finish (None: when stderr is a TTY; fm.progress).
     """
     if on_error not in ("skip", "stop"):
         raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
@@ -252,6 +285,7 @@ def build_corpus(inputs: Sequence, output: str | Path, conditions: Sequence[str]
                 log.warning("%s: obs has no %s; those conditions are '%s' for its cells", name, missing, UNKNOWN_CONDITION)
             vocab_tok.condition_keys = [keys[j] for j in present]
             vocab_tok.fit_conditions(adata.obs, name)
+            n_obs = int(adata.n_obs)
             if getattr(adata, "isbacked", False):
                 adata.file.close()
         except Exception as e:
@@ -259,26 +293,44 @@ def build_corpus(inputs: Sequence, output: str | Path, conditions: Sequence[str]
             continue
         jobs.append({"item": item, "source_id": sid, "name": name, "out": str(out), "gene_key": gene_key, "keys": keys,
                      "min_match": min_matched_fraction, "shard_size": shard_size, "min_genes": min_genes,
-                     "chunk_size": chunk_size})
+                     "chunk_size": chunk_size, "n_obs": n_obs})
     categories = {k: vocab_tok.condition_categories.get(k, [UNKNOWN_CONDITION]) for k in keys}
     for job in jobs:
         job["categories"] = categories
     in_process = any(not isinstance(j["item"], Path) for j in jobs)  # AnnData objects are not shipped to workers
     sources, shards, genes = [], [], []
-    for job, res in _run_jobs(jobs, _build_source, 1 if in_process else workers, hook):
-        if "error" in res:
-            skipped.append(_fail(out, job["source_id"], job["name"], res["error"], on_error))
-            continue
-        sh = res.pop("shards")
-        genes.append(res.pop("gene_ids"))
-        shards.extend(sh)
-        n_cells = sum(s["n_cells"] for s in sh)
-        sources.append({"source_id": job["source_id"], "path": job["name"], **res, "n_cells": n_cells,
-                        "n_filtered": res["n_obs"] - n_cells, "nnz": sum(s["nnz"] for s in sh), "n_shards": len(sh)})
-        log.info("%s: %d cells (%d filtered) in %d shards", job["name"], n_cells, res["n_obs"] - n_cells, len(sh))
+    with progress_bar(sum(j["n_obs"] for j in jobs), "corpus build", "cells", progress) as bar:
+        counted, lock = dict.fromkeys((j["source_id"] for j in jobs), 0), threading.Lock()
+
+        def done(sid: int, rows: int) -> None:  # from the drain thread when workers > 1
+            with lock:
+                if counted[sid] is not None:  # None: the source's result is in, all its rows counted
+                    counted[sid] += rows
+                    bar.update(rows)
+
+        for job, res in _run_jobs(jobs, _build_source, 1 if in_process else workers, hook, done):
+            with lock:  # the rest of the source at once (a failed one, or counts still in the queue)
+                bar.update(job["n_obs"] - counted[job["source_id"]])
+                counted[job["source_id"]] = None
+            _collect(job, res, out, on_error, skipped, sources, shards, genes)
     return finish_manifest(out, shards, sources, skipped, keys, categories, vocab_tok.vocab,
                            filters={"min_genes": min_genes, "min_matched_fraction": min_matched_fraction},
                            gene_ids=np.unique(np.concatenate(genes)) if genes else np.zeros(0, np.int64))
+
+
+def _collect(job: dict, res: dict, out: Path, on_error: str, skipped: list, sources: list, shards: list,
+             genes: list) -> None:
+    """One finished source into the manifest's lists (or into `skipped`, with its shards removed)."""
+    if "error" in res:
+        skipped.append(_fail(out, job["source_id"], job["name"], res["error"], on_error))
+        return
+    sh = res.pop("shards")
+    genes.append(res.pop("gene_ids"))
+    shards.extend(sh)
+    n_cells = sum(s["n_cells"] for s in sh)
+    sources.append({"source_id": job["source_id"], "path": job["name"], **res, "n_cells": n_cells,
+                    "n_filtered": res["n_obs"] - n_cells, "nnz": sum(s["nnz"] for s in sh), "n_shards": len(sh)})
+    log.info("%s: %d cells (%d filtered) in %d shards", job["name"], n_cells, res["n_obs"] - n_cells, len(sh))
 
 
 def _fail(out: Path, sid: int, name: str, error: str, on_error: str) -> dict:

@@ -22,7 +22,8 @@ def _cmd_build(args) -> int:
     t = time.perf_counter()
     manifest = build_corpus(args.input, args.output, conditions=[c for c in args.conditions.split(",") if c],
                             gene_key=args.gene_key, min_genes=args.min_genes, shard_size=args.shard_size,
-                            workers=args.workers, on_error=args.on_error, min_matched_fraction=args.min_match)
+                            workers=args.workers, on_error=args.on_error, min_matched_fraction=args.min_match,
+                            progress=False if args.quiet else None)
     print(_summary(manifest, time.perf_counter() - t))
     print(f"wrote {args.output}/manifest.json")
     return 0
@@ -65,6 +66,8 @@ def add_corpus_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="files encoded in parallel (processes)")
     p.add_argument("--on-error", choices=("skip", "stop"), default="stop",
                    help="a bad input (corrupt, non-count, no vocabulary genes): leave it out, or stop")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal; FM_PROGRESS=1/0 overrides)")
     p.set_defaults(func=_cmd_build)
 
     p = csub.add_parser("synth", help="generated negative-binomial cells straight to shards")

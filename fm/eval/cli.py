@@ -6,7 +6,8 @@ def _cmd_eval(args) -> int:
     from fm.eval.harness import run_suites
 
     df = run_suites(args.suites, profile=args.profile, models=args.model or [], output_dir=args.output,
-                    seeds=args.seeds, controls=not args.no_controls, methods=args.methods, datasets=args.datasets)
+                    seeds=args.seeds, controls=not args.no_controls, methods=args.methods, datasets=args.datasets,
+                    progress=False if args.quiet else None)
     where = args.output if len(args.suites) == 1 else f"{args.output}/<task>"
     print(f"{len(df)} result rows; wrote {where}/results.csv, results.md, plots and meta.json")
     return 0
@@ -26,4 +27,6 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--no-controls", action="store_true",
                    help="skip the random-init twin rows (<method>[<model>:random_init] / [<model>:scratch]) "
                         "that every FM method gets by default")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal; FM_PROGRESS=1/0 overrides)")
     p.set_defaults(func=_cmd_eval)

@@ -17,6 +17,7 @@ import yaml
 from fm.eval.context import EvalContext, timed
 from fm.eval.controls import RANDOM_INIT, SCRATCH, row_name
 from fm.eval.registry import get_task
+from fm.progress import progress_bar
 
 log = logging.getLogger("fm.eval")
 
@@ -118,7 +119,7 @@ def method_runs(method: str, ctx: EvalContext, seed: int) -> list[tuple[str, Pat
     return runs
 
 
-def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalContext) -> list[dict]:
+def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalContext, bar=None) -> list[dict]:
     """One dataset × seed of a task module → rows {dataset, method, metric, value, runtime_s}.
 
     `module.prepare` builds what every method shares (cells, split, genes, truth) once; each method
@@ -128,6 +129,7 @@ def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalCont
     and returns an output that `module.score` turns into metrics, or None to skip itself (it says
     why). `module.finalize(prepared, outputs)`, where defined, adds metrics that need every method's
     output at once (agreement between methods, one scib-metrics pass); its rows come last.
+    `bar` (a tqdm, optional) advances by one per method run.
     """
     prepared = module.prepare(dataset, seed, ctx)
     finalize = getattr(module, "finalize", None)
@@ -141,8 +143,12 @@ def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalCont
         fn = module.METHODS[method]
         for label, model_dir, twin in method_runs(method, ctx, seed):
             calls = ctx.finetune_calls
+            if bar is not None:
+                bar.set_postfix_str(f"{dataset['name']} seed {seed}: {label}", refresh=False)
             with timed() as t:
                 output = fn(prepared, ctx) if model_dir is None else fn(prepared, ctx, model_dir)
+            if bar is not None:
+                bar.update(1)
             if output is None:
                 continue
             control = (SCRATCH if ctx.finetune_calls > calls else RANDOM_INIT) if twin else None
@@ -162,11 +168,13 @@ def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalCont
 
 
 def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval", seeds=None,
-              data_dir=None, write: bool = True, controls: bool = True, methods=None, datasets=None) -> pd.DataFrame:
+              data_dir=None, write: bool = True, controls: bool = True, methods=None, datasets=None,
+              progress: bool | None = None) -> pd.DataFrame:
     """Run one suite and (by default) write results.csv, results.md, plots and meta.json.
 
     `controls` (default on) adds the random-init twin rows of every FM method (fm.eval.controls);
-    they cost as much again as the FM methods themselves.
+    they cost as much again as the FM methods themselves. `progress`: a bar of method runs
+    (methods × datasets × seeds) on stderr (None: when stderr is a TTY; fm.progress).
 
     Returns the tidy results (task, dataset, method, metric, value, seed, runtime_s).
     """
@@ -190,11 +198,14 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
                       data_dir=Path(data_dir) if data_dir else default_data_dir(), caps=plan["caps"],
                       controls=controls)
     rows = []
-    for dataset in plan["datasets"]:
-        for seed in plan["seeds"]:
-            log.info("%s: dataset %s, seed %d, methods %s", suite["task"], dataset["name"], seed, methods)
-            for row in run_task(module, dataset, methods, seed, ctx):
-                rows.append({"task": suite["task"], "seed": seed, **row})
+    per_seed = sum(len(models) * (1 + bool(controls)) if is_fm_method(m) else 1 for m in methods)  # = method_runs
+    n_runs = per_seed * len(plan["datasets"]) * len(plan["seeds"])
+    with progress_bar(n_runs, f"eval {suite['task']}", "runs", progress) as bar:
+        for dataset in plan["datasets"]:
+            for seed in plan["seeds"]:
+                log.info("%s: dataset %s, seed %d, methods %s", suite["task"], dataset["name"], seed, methods)
+                for row in run_task(module, dataset, methods, seed, ctx, bar):
+                    rows.append({"task": suite["task"], "seed": seed, **row})
     df = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in df.columns:
@@ -209,12 +220,12 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
 
 
 def run_suites(suite_paths, profile="cpu", models=(), output_dir="runs/eval", seeds=None,
-               controls: bool = True, methods=None, datasets=None) -> pd.DataFrame:
+               controls: bool = True, methods=None, datasets=None, progress: bool | None = None) -> pd.DataFrame:
     """Several suites: each into output_dir/<task>/, plus a combined results.md at output_dir.
     `methods` / `datasets` (a subset) apply to a single suite only."""
     if len(suite_paths) == 1:
         return run_suite(suite_paths[0], profile, models, output_dir, seeds, controls=controls, methods=methods,
-                         datasets=datasets)
+                         datasets=datasets, progress=progress)
     if methods or datasets:
         raise ValueError("--methods / --datasets pick from one suite; run the suites one at a time")
     from fm.eval.report import write_combined
@@ -224,7 +235,7 @@ def run_suites(suite_paths, profile="cpu", models=(), output_dir="runs/eval", se
     frames, tasks = [], []
     for path in suite_paths:
         task = load_suite(path)["task"]
-        frames.append(run_suite(path, profile, models, output_dir / task, seeds, controls=controls))
+        frames.append(run_suite(path, profile, models, output_dir / task, seeds, controls=controls, progress=progress))
         tasks.append(task)
     write_combined(output_dir, tasks, profile=profile, runtime_s=time.perf_counter() - t0)
     return pd.concat(frames, ignore_index=True)

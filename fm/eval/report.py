@@ -125,30 +125,58 @@ def plot_main_bars(df, path: Path, main: str, higher: bool, controls=()) -> None
     plt.close(fig)
 
 
-def plot_metric_heatmap(df, path: Path, main: str, higher: bool) -> None:
-    """scIB-style table: methods × metrics, colour = value scaled per column, numbers printed."""
+def _column_groups(cols: list[str], groups: dict[str, tuple[str, ...]] | None) -> list[tuple[str, list[str]]]:
+    """Columns ordered by group (groups' own order; unlisted metrics last, under "other")."""
+    if not groups:
+        return [("", cols)]
+    out = [(g, [c for c in members if c in cols]) for g, members in groups.items()]
+    listed = {c for _, members in out for c in members}
+    out.append(("other", [c for c in cols if c not in listed]))
+    return [(g, members) for g, members in out if members]
+
+
+def plot_metric_heatmap(df, path: Path, main: str, higher: bool, groups: dict | None = None):
+    """scIB-style table: methods × metrics, colour on one absolute scale [0, 1] with a colour bar (so
+    0.88 and 0.94 look alike in every column), values written in each cell, column groups (e.g.
+    bio conservation | batch correction | aggregate score) labelled above. Returns the Figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = list(df.dataset.unique())
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(12, 0.45 * df.method.nunique() * len(datasets) + 1.5 * len(datasets)),
-                             squeeze=False)
+    n_methods = df.method.nunique()
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(13, 0.45 * n_methods * len(datasets) + 2.0 * len(datasets)),
+                             squeeze=False, layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    image = None
     for ax, dataset in zip(axes[:, 0], datasets):
         sub = df[df.dataset == dataset]
         table = sub.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
-        cols = [main] + [c for c in dict.fromkeys(sub.metric) if c != main]
+        blocks = _column_groups(list(dict.fromkeys(sub.metric)), groups)
+        cols = [c for _, members in blocks for c in members]
         table = table.reindex(index=method_order(df, dataset, main, higher), columns=cols)
-        scaled = (table - table.min()) / (table.max() - table.min()).replace(0, 1)
-        ax.imshow(scaled.values.astype(float), cmap="PRGn", aspect="auto", vmin=-0.2, vmax=1.2)
+        values = np.ma.masked_invalid(table.values.astype(float))
+        image = ax.imshow(values, cmap=cmap, aspect="auto", vmin=0.0, vmax=1.0)
         for (i, j), v in np.ndenumerate(table.values):
-            ax.text(j, i, "" if pd.isna(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+            if not pd.isna(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 else "black", fontweight="bold" if cols[j] == main else None)
+        start = 0
+        for name, members in blocks:
+            if start:
+                ax.axvline(start - 0.5, color="white", linewidth=3)
+            if name:
+                ax.text((start + start + len(members) - 1) / 2, -0.7, name.replace("_", " "), ha="center",
+                        va="bottom", fontsize=9, fontweight="bold")
+            start += len(members)
         ax.set_xticks(range(len(cols)), cols, rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(len(table)), table.index, fontsize=8)
-        ax.set_title(dataset, fontsize=10)
-    fig.tight_layout()
+        ax.set_title(dataset, fontsize=10, loc="left", pad=22 if groups else 6)
+    if image is not None:
+        fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01, label="score (absolute scale 0–1)")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def plot_umaps(df, output_dir: Path, main: str, higher: bool, controls=()) -> list[Path]:
@@ -206,7 +234,8 @@ def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, 
         plots.append(f"{suite['task']}_{main}.png")
         extra = getattr(module, "REPORT_PLOTS", ())
         if "heatmap" in extra:
-            plot_metric_heatmap(df, output_dir / f"{suite['task']}_table.png", main, higher)
+            plot_metric_heatmap(df, output_dir / f"{suite['task']}_table.png", main, higher,
+                                getattr(module, "METRIC_GROUPS", None))
             plots.append(f"{suite['task']}_table.png")
         if "umap" in extra:
             plots += [p.name for p in plot_umaps(df, output_dir, main, higher, controls)]

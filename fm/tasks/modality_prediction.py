@@ -2,8 +2,8 @@
 ScFMForModalityPrediction fine-tuned by the one loop → export; fm.predict_protein applies it.
 
 Targets: per-cell CLR of the ADT counts, exactly as the benchmark (fm/eval/tasks/modality_prediction.py;
-both use fm.preprocessing.clr, and it imports `CONTROL_RE` from here): log1p(counts) minus the cell's mean log1p over *all* measured
-ADTs (Seurat CLR margin 1, muon `prot.pp.clr`). Isotype controls (names matching IgG/isotype/control)
+both use fm.preprocessing.clr, and it imports `CONTROL_RE` from here): Seurat's CLR with margin = 2
+(per cell; muon `prot.pp.clr(axis=1)`), log1p(counts / exp(mean log1p over *all* the cell's ADTs)). Isotype controls (names matching IgG/isotype/control)
 enter that mean but are never a target: they measure background, not a protein of the cell.
 
 Input rules:
@@ -11,7 +11,7 @@ Input rules:
   an array with names in uns["protein_names"]; an array without names is accepted with generated
   names protein_0… and a warning (scvi-tools does the same), since no isotype control can be found then.
 - NaN or negative values are errors (raw, non-negative ADT counts expected; CLR/DSB values are not).
-- Cells whose proteins are all zero have a defined CLR (every protein 0 = "at the cell's mean"), but
+- Cells whose proteins are all zero have a defined CLR (every protein 0), but
   such a row almost always means a failed ADT capture or an RNA-only cell (totalVI reads it as
   "not measured"), so those cells are left out of fine-tuning, with a warning giving their count.
 """

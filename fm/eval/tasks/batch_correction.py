@@ -29,6 +29,13 @@ HIGHER_IS_BETTER = True
 CONTROLS = ["unintegrated"]
 DATASET_KEYS = {"n_hvg"}
 REPORT_PLOTS = ("heatmap", "umap")
+METRIC_GROUPS = {  # scib-metrics' metric types, our column names (its names lower-cased, "_" for " ")
+    "bio_conservation": ("isolated_labels", "leiden_nmi", "leiden_ari", "kmeans_nmi", "kmeans_ari",
+                         "silhouette_label", "clisi"),
+    "batch_correction": ("silhouette_batch", "ilisi", "kbet", "bras", "graph_connectivity", "pcr_comparison"),
+    "aggregate_score": ("bio_conservation", "batch_correction", "total"),
+}
+"""Column groups of the results heatmap (fm.eval.report.plot_metric_heatmap)."""
 N_PCS = 50
 
 

@@ -1,8 +1,8 @@
 """Modality prediction, RNA → protein (CITE-seq): learn surface-protein levels from RNA on the
 train cells, predict them on the test cells.
 
-Targets: CLR-normalised protein counts, per cell (Seurat's CLR with margin 1 / muon's
-`prot.pp.clr`): log1p(counts) minus the cell's mean log1p over all measured ADTs — the one
+Targets: CLR-normalised protein counts, per cell (Seurat's CLR with margin = 2 / muon's
+`prot.pp.clr(axis=1)`): log1p(counts / exp(mean log1p over all of the cell's ADTs)) — the one
 definition in fm.preprocessing (`clr`; `CONTROL_RE` from fm.tasks.modality_prediction), shared with
 fine-tuning. Isotype
 controls (names matching IgG/isotype/control) take part in the CLR mean, as they do in those
