@@ -443,7 +443,8 @@ def profile_model(model, infer_batch: dict, train_batch: dict, opt, top: int) ->
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="per-token speed at a model size (embed, training, collator, FLOP/s), "
                                      "optionally against scGPT's own model")
-    p.add_argument("--size", choices=list(SIZES), default="whole-human")
+    p.add_argument("--size", choices=list(SIZES), default="whole-human",
+                   help="model size (gene table and transformer shape) to time; default whole-human")
     p.add_argument("--data", default=None, help=f"an .h5ad of counts (default: {DEFAULT_FILE} in the data "
                                                 "directory when present, else generated cells)")
     p.add_argument("--cells", type=int, default=64, help="first N cells in file order (default 64)")
@@ -453,7 +454,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--train-batch", type=int, default=8, help="cells per training step (default 8)")
     p.add_argument("--train-batches", type=int, default=2, help="training steps per round (default 2)")
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
-    p.add_argument("--max-genes", type=int, default=1200)
+    p.add_argument("--max-genes", type=int, default=1200, help="gene tokens per cell (default 1200, scGPT's)")
     p.add_argument("--vs-scgpt", default=None, metavar="SCGPT_SOURCE",
                    help="a scGPT source checkout: also time its TransformerModel on the same cells and weights")
     p.add_argument("--profile", type=int, default=0, metavar="N",

@@ -140,6 +140,7 @@ class CellTokenizer:
         self.min_matched_fraction = min_matched_fraction
         self.allow_non_counts = allow_non_counts
         self.use_raw = False  # read adata.raw (X and var) instead of adata: a per-call input setting, never saved
+        self._reported: set[str] = set()  # gene-match summaries already logged
 
     # ------------------------------------------------------------------ input
     def with_input(self, layer: str | None = None, use_raw: bool = False, gene_key: str | None = None,
@@ -216,7 +217,10 @@ class CellTokenizer:
             clash = seen[seen.map(len) > 1].head(3).tolist()
             raise ValueError(f"{source or 'input'}: several columns map to the same vocabulary gene, e.g. {clash}. "
                              "Keep one column per gene (sum duplicates) before tokenizing.")
-        log.info(match.summary())
+        summary = match.summary()
+        if summary not in self._reported:  # once per tokenizer and file, not once per chunk or shard
+            self._reported.add(summary)
+            log.info(summary)
         return match
 
     def _ensembl_column(self, var: pd.DataFrame, var_names: pd.Index, source: str) -> str | None:

@@ -169,3 +169,88 @@ def test_pretrain_from_corpus(tmp_path, batch_h5ad_path):
     model = fm.load(result.export_dir)
     assert model.config.condition_keys == ["sample"] and model.config.condition_vocab_sizes == [5]
     assert (tmp_path / "run" / "eval_log.jsonl").is_file()
+
+
+_KILL_SCRIPT = """
+import sys, time
+import fm.data.corpus as corpus
+original = corpus.write_shard
+def slow(*args, **kwargs):  # workers inherit this (fork): each shard takes a while
+    time.sleep(1.0)
+    return original(*args, **kwargs)
+corpus.write_shard = slow
+corpus.build_corpus(sys.argv[1:3], sys.argv[3], shard_size=50, workers=2, progress=False)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads process parents from /proc (Linux)")
+def test_killed_build_leaves_no_workers(tmp_path, small_h5ad_path, batch_h5ad_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "corpus"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(small_h5ad_path), str(batch_h5ad_path), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(workers := _children(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the build did not start its workers"
+        time.sleep(1.0)  # they are writing shards now
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "workers outlived their killed parent"
+        shards = {p.name: p.stat().st_size for p in out.glob("*.arrow*")}
+        time.sleep(1.5)
+        assert {p.name: p.stat().st_size for p in out.glob("*.arrow*")} == shards, "something still writes shards"
+    finally:
+        for w in _children(proc.pid):
+            os.kill(w, signal.SIGKILL)
+
+
+def test_build_reads_counts_from_a_layer_or_raw(tmp_path, small_h5ad_path):
+    counts = ad.read_h5ad(small_h5ad_path)[:120].copy()
+    logged = counts.copy()
+    logged.X = np.log1p(logged.X)  # what a processed file keeps in X
+    logged.layers["counts"] = counts.X.copy()
+    logged.raw = counts.copy()
+    logged.write_h5ad(tmp_path / "processed.h5ad")
+    counts.write_h5ad(tmp_path / "counts.h5ad")
+    with pytest.raises(ValueError, match="layer="):
+        build_corpus([tmp_path / "processed.h5ad"], tmp_path / "from_x", shard_size=50)
+    reference = build_corpus([tmp_path / "counts.h5ad"], tmp_path / "ref", shard_size=50)
+    for name, kw in {"layer": {"layer": "counts"}, "raw": {"use_raw": True}}.items():
+        manifest = build_corpus([tmp_path / "processed.h5ad"], tmp_path / name, shard_size=50, **kw)
+        assert manifest["n_cells"] == reference["n_cells"] and manifest["nnz"] == reference["nnz"]
+    assert main(["corpus", "build", "--input", str(tmp_path / "processed.h5ad"), "--output", str(tmp_path / "cli"),
+                 "--layer", "counts", "--workers", "1", "--quiet"]) == 0

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("scanpy", reason="needs the [eval] extra: pip install -e '.[eval]'")
@@ -169,3 +170,30 @@ def test_methods_and_datasets_pick_a_subset_of_a_suite():
         resolve_profile(suite, "cpu", methods=["scgpt"])
     with pytest.raises(ValueError, match="--datasets"):
         resolve_profile(suite, "cpu", datasets=["pbmc68k"])
+
+
+def test_a_failing_dataset_keeps_the_others_results(tmp_path, pbmc_small):
+    import yaml
+
+    from fm.eval.harness import EvalFailed
+
+    pbmc_small.write_h5ad(tmp_path / "counts.h5ad")
+    logged = pbmc_small.copy()
+    logged.layers["counts"] = logged.X.copy()
+    logged.X = np.log1p(logged.X)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    entry = {"label_key": "cell_type", "split": {"kind": "random", "test_size": 0.3}}
+    datasets = [{"name": "good", "file": str(tmp_path / "counts.h5ad"), **entry},
+                {"name": "logged", "file": str(tmp_path / "logged.h5ad"), **entry},
+                {"name": "logged_with_layer", "file": str(tmp_path / "logged.h5ad"), "layer": "counts", **entry}]
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"task": "annotation", "methods": ["majority"], "datasets": datasets,
+                                     "profiles": {"ci": {"seeds": [0]}}}))
+    with pytest.raises(EvalFailed, match=r"logged seed 0: ValueError: .*X of dataset 'logged' is not raw counts: "
+                                         r"non-integer values .*layer: <name>") as failed:
+        run_suite(suite, "ci", [], tmp_path / "out")
+    written = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert set(written.dataset) == {"good", "logged_with_layer"} == set(failed.value.results.dataset)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert [f["dataset"] for f in meta["failures"]] == ["logged"]
+    assert "Failed dataset runs" in (tmp_path / "out" / "results.md").read_text()

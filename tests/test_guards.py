@@ -159,3 +159,22 @@ def test_outputs_respect_the_umask_and_stale_export_temp_is_removed(tmp_path, sm
         assert not stale.exists()
     finally:
         os.umask(old)
+
+
+def test_every_cli_option_has_help_text():
+    import argparse
+
+    from fm.cli import build_parser
+
+    missing = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "fm")
+    assert not missing, missing

@@ -128,12 +128,15 @@ def _fingerprint(item, i: int) -> dict:
     return {"path": _name(item, i), "shape": list(item.shape)}
 
 
-def _file_tokenizer(adata, gene_key, keys, categories, min_match) -> tuple[CellTokenizer, list[int]]:
-    """Tokenizer for one file: gene_key if the file has that var column, its own condition columns."""
+def _file_tokenizer(adata, gene_key, keys, categories, min_match, reading: dict | None = None
+                    ) -> tuple[CellTokenizer, list[int]]:
+    """Tokenizer for one file: gene_key if the file has that var column, its own condition columns; `reading`:
+    where the counts are (layer / use_raw) and allow_non_counts (CellTokenizer.with_input)."""
     present = [j for j, k in enumerate(keys) if k in adata.obs.columns]
     use_key = gene_key if gene_key and gene_key in adata.var.columns else None
     tok = CellTokenizer(condition_keys=[keys[j] for j in present], condition_categories=categories,
                         gene_key=use_key, min_matched_fraction=min_match)
+    tok = tok.with_input(**(reading or {}))
     return tok, present
 
 
@@ -148,7 +151,8 @@ def _build_source(job: dict, hook: Callable | None = None, done: Callable | None
     out, sid, name = Path(job["out"]), job["source_id"], job["name"]
     try:
         adata = open_input(job["item"])
-        tok, present = _file_tokenizer(adata, job["gene_key"], job["keys"], job["categories"], job["min_match"])
+        tok, present = _file_tokenizer(adata, job["gene_key"], job["keys"], job["categories"], job["min_match"],
+                                      job["reading"])
         schema = row_schema()
         shards = []
         for k, lo in enumerate(range(0, adata.n_obs, job["shard_size"])):
@@ -212,9 +216,33 @@ _WORKER_DONE: Callable | None = None
 """In a build worker process: puts (source_id, rows) on the parent's progress queue."""
 
 
-def _init_worker(queue) -> None:
+def _init_worker(queue, parent: int) -> None:
     global _WORKER_DONE
     _WORKER_DONE = (lambda sid, rows: queue.put((sid, rows))) if queue is not None else None
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """Make this worker process end when its parent does, however the parent dies (kill -9 included): a pool's
+    workers otherwise live on as orphans and keep writing shards. Linux: the kernel sends SIGKILL on the parent's
+    death (prctl PR_SET_PDEATHSIG); everywhere: a daemon thread exits when the parent pid changes. `parent`: the
+    pid the pool was made in (read there: a parent dead before this runs is then noticed too)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / no glibc: the thread below does it
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="fm-parent-watch").start()
 
 
 def _drain(queue, done: Callable) -> None:
@@ -238,7 +266,8 @@ def _run_jobs(jobs: list[dict], worker: Callable, workers: int, hook: Callable |
     if drain is not None:
         drain.start()
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(queue, os.getpid())) as pool:
             futures = [pool.submit(worker, job) for job in jobs]
             try:
                 for job, f in zip(jobs, futures):
@@ -255,22 +284,26 @@ def _run_jobs(jobs: list[dict], worker: Callable, workers: int, hook: Callable |
 def build_corpus(inputs: Sequence, output: str | Path, conditions: Sequence[str] = (), gene_key: str | None = None,
                  min_genes: int = 1, shard_size: int = 10_000, workers: int = 1, on_error: str = "stop",
                  min_matched_fraction: float = 0.2, chunk_size: int = 2048, hook: Callable | None = None,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, layer: str | None = None, use_raw: bool = False,
+                 allow_non_counts: bool = False) -> dict:
     """Build (or resume) a corpus; returns the manifest. See the module docstring for the layout.
 
     Filters: cells with fewer than `min_genes` nonzero vocabulary genes are dropped (counted per source).
     `gene_key`: var column used when a file has it, else var_names. `on_error`: 'skip' reports a bad
     input (with its path) and leaves it out; 'stop' raises. `hook(shard_path)` runs after each shard
     (tests use it to simulate an interruption). `progress`: a bar of input cells on stderr as shards
-    finish (None: when stderr is a TTY; fm.progress).
+    finish (None: when stderr is a TTY; fm.progress). `layer` / `use_raw`: counts in adata.layers[layer] or
+    adata.raw of every file; `allow_non_counts`: bin non-integer values as they are (as fm.embed's keywords).
     """
+    reading = {"layer": layer, "use_raw": use_raw, "allow_non_counts": allow_non_counts or None}
     if on_error not in ("skip", "stop"):
         raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
     out, keys = Path(output), list(conditions)
     items = expand_inputs(inputs)
     build = {"format": FORMAT, "inputs": [_fingerprint(it, i) for i, it in enumerate(items)], "conditions": keys,
              "gene_key": gene_key, "min_genes": min_genes, "shard_size": shard_size,
-             "min_matched_fraction": min_matched_fraction}
+             "min_matched_fraction": min_matched_fraction,
+             **({"reading": {k: v for k, v in reading.items() if v}} if any(reading.values()) else {})}
     _check_build(out, build)
     vocab_tok = CellTokenizer(condition_keys=keys)
     skipped, jobs = [], []
@@ -278,7 +311,7 @@ def build_corpus(inputs: Sequence, output: str | Path, conditions: Sequence[str]
         name = _name(item, sid)
         try:
             adata = open_input(item)
-            tok, present = _file_tokenizer(adata, gene_key, keys, {}, min_matched_fraction)
+            tok, present = _file_tokenizer(adata, gene_key, keys, {}, min_matched_fraction, reading)
             tok.match_genes(adata, name)
             missing = [k for k in keys if k not in adata.obs.columns]
             if missing:
@@ -292,7 +325,7 @@ def build_corpus(inputs: Sequence, output: str | Path, conditions: Sequence[str]
             skipped.append(_fail(out, sid, name, f"{type(e).__name__}: {e}", on_error))
             continue
         jobs.append({"item": item, "source_id": sid, "name": name, "out": str(out), "gene_key": gene_key, "keys": keys,
-                     "min_match": min_matched_fraction, "shard_size": shard_size, "min_genes": min_genes,
+                     "min_match": min_matched_fraction, "reading": reading, "shard_size": shard_size, "min_genes": min_genes,
                      "chunk_size": chunk_size, "n_obs": n_obs})
     categories = {k: vocab_tok.condition_categories.get(k, [UNKNOWN_CONDITION]) for k in keys}
     for job in jobs:

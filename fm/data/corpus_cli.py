@@ -23,7 +23,8 @@ def _cmd_build(args) -> int:
     manifest = build_corpus(args.input, args.output, conditions=[c for c in args.conditions.split(",") if c],
                             gene_key=args.gene_key, min_genes=args.min_genes, shard_size=args.shard_size,
                             workers=args.workers, on_error=args.on_error, min_matched_fraction=args.min_match,
-                            progress=False if args.quiet else None)
+                            progress=False if args.quiet else None, layer=args.layer, use_raw=args.use_raw,
+                            allow_non_counts=args.allow_non_counts)
     print(_summary(manifest, time.perf_counter() - t))
     print(f"wrote {args.output}/manifest.json")
     return 0
@@ -60,7 +61,11 @@ def add_corpus_parser(sub) -> None:
     p.add_argument("--output", required=True, help="corpus directory (re-run the same command to resume)")
     p.add_argument("--conditions", default="", help="obs columns stored as condition ids, e.g. batch,assay")
     p.add_argument("--gene-key", default=None, help="var column with symbols/Ensembl IDs, used where a file has it")
-    p.add_argument("--min-genes", type=int, default=1, help="drop cells with fewer nonzero vocabulary genes")
+    p.add_argument("--layer", default=None, help="read counts from adata.layers[LAYER] of every file instead of X")
+    p.add_argument("--use-raw", action="store_true", help="read counts and genes from adata.raw of every file")
+    p.add_argument("--allow-non-counts", action="store_true", help="accept non-integer values (binned as they are)")
+    p.add_argument("--min-genes", type=int, default=1,
+                   help="drop cells with fewer nonzero vocabulary genes (default 1: empty cells are dropped)")
     p.add_argument("--min-match", type=float, default=0.2, help="stop/skip a file with fewer genes in the vocabulary")
     p.add_argument("--shard-size", type=int, default=10_000, help="input rows per shard")
     p.add_argument("--workers", type=int, default=2, help="files encoded in parallel (processes)")
@@ -71,18 +76,18 @@ def add_corpus_parser(sub) -> None:
     p.set_defaults(func=_cmd_build)
 
     p = csub.add_parser("synth", help="generated negative-binomial cells straight to shards")
-    p.add_argument("--cells", type=int, required=True)
-    p.add_argument("--genes", type=int, default=2000)
-    p.add_argument("--cell-types", type=int, default=5)
-    p.add_argument("--batches", type=int, default=2)
-    p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=10_000)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cells", type=int, required=True, help="number of cells to generate")
+    p.add_argument("--genes", type=int, default=2000, help="genes per cell panel (real human symbols; default 2000)")
+    p.add_argument("--cell-types", type=int, default=5, help="distinct cell types (obs label cell_type)")
+    p.add_argument("--batches", type=int, default=2, help="batches with their own technical effect (obs batch)")
+    p.add_argument("--output", required=True, help="corpus directory to write")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same cells")
+    p.add_argument("--shard-size", type=int, default=10_000, help="cells per shard")
+    p.add_argument("--workers", type=int, default=2, help="shards generated in parallel (processes)")
     p.add_argument("--conditions", default="", help="make labels condition tokens: batch and/or cell_type")
     p.add_argument("--fit", default=None, help="an h5ad whose gene means, library sizes and dispersion to mimic")
     p.set_defaults(func=_cmd_synth)
 
     p = csub.add_parser("info", help="print a corpus manifest (without the shard list)")
-    p.add_argument("corpus")
+    p.add_argument("corpus", help="corpus directory (holding manifest.json)")
     p.set_defaults(func=_cmd_info)

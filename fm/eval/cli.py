@@ -7,7 +7,7 @@ def _cmd_eval(args) -> int:
 
     df = run_suites(args.suites, profile=args.profile, models=args.model or [], output_dir=args.output,
                     seeds=args.seeds, controls=not args.no_controls, methods=args.methods, datasets=args.datasets,
-                    progress=False if args.quiet else None)
+                    progress=False if args.quiet else None, keep_checkpoints=args.keep_checkpoints)
     where = args.output if len(args.suites) == 1 else f"{args.output}/<task>"
     print(f"{len(df)} result rows; wrote {where}/results.csv, results.md, plots and meta.json")
     return 0
@@ -17,7 +17,8 @@ def add_eval_parser(sub) -> None:
     """Register the `eval` subcommand on fm's subparsers."""
     p = sub.add_parser("eval", help="benchmark suites: baselines, controls and FM checkpoints (needs the [eval] extra)")
     p.add_argument("suites", nargs="+", help="suite YAML(s), e.g. eval/annotation.yaml; several → one subdir per task")
-    p.add_argument("--profile", default="cpu", choices=["ci", "cpu", "full"])
+    p.add_argument("--profile", default="cpu", choices=["ci", "cpu", "full"],
+                   help="suite size: ci (minutes, one seed), cpu (3 seeds, a 2-core machine), full (5 seeds, GPU)")
     p.add_argument("--model", action="extend", nargs="+", default=None,
                    help="exported model directory (repeatable); adds the FM methods of each suite")
     p.add_argument("--output", required=True, help="output directory")
@@ -29,4 +30,6 @@ def add_eval_parser(sub) -> None:
                         "that every FM method gets by default")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar (it is shown only when stderr is a terminal; FM_PROGRESS=1/0 overrides)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the training checkpoints of the harness's fine-tunes (default: only their exported models)")
     p.set_defaults(func=_cmd_eval)

@@ -35,6 +35,7 @@ class EvalContext:
     data_dir: Path
     caps: dict
     controls: bool = True
+    keep_checkpoints: bool = False  # harness fine-tunes keep only their exported model (~80 MB of optimizer each)
     finetune_calls: int = 0
     _models: dict = field(default_factory=dict, repr=False)
     _twins: dict = field(default_factory=dict, repr=False)
@@ -79,13 +80,16 @@ class EvalContext:
                                  f"columns present: {list(adata.obs.columns)}")
             if adata.obs[column].isna().any():
                 raise ValueError(f"{path}: obs column {column!r} has missing values ({int(adata.obs[column].isna().sum())} cells)")
+        adata, matrix = _counts_view(adata, entry, path)
         x = adata.X
         x = sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else x.tocsr().astype(np.float32)
-        sample = x.data[:100000]
-        if sample.size and (sample.min() < 0 or not np.allclose(sample, np.round(sample))):
-            raise ValueError(f"{path}: X of dataset {name!r} is not raw counts (negative or non-integer values); "
-                             "evaluation needs raw counts so that every method gets the same normalisation")
+        _check_counts(x.data, path, name, matrix)
         adata.X = x
+        spike = adata.var_names.str.match(SPIKE_IN_RE)
+        if spike.any() and not entry.get("keep_spike_ins", False):  # technical controls, not genes: never HVGs
+            log.info("%s: dropped %d ERCC spike-in features (suite key keep_spike_ins: true keeps them)", name,
+                     int(spike.sum()))
+            adata = adata[:, ~spike].copy()
         limits = [v for v in (entry.get("max_cells"), self.cap("max_cells")) if v]
         if limits and adata.n_obs > min(limits):
             keep = np.sort(np.random.default_rng(seed).choice(adata.n_obs, size=int(min(limits)), replace=False))
@@ -177,6 +181,7 @@ class EvalContext:
         caps.finetune overrides (dotted keys, e.g. {train.max_steps: 150}), then `overrides`. The run
         goes to <output>/finetune/<task>_<dataset>_seed<seed>_<model label>; a previous run there is
         replaced (its split may differ). Cached per (model, task, dataset, seed) within one harness run.
+        Its training checkpoints are deleted afterwards unless keep_checkpoints (fm eval --keep-checkpoints).
         Torch runs on caps.threads threads (default 1, see torch_threads).
         """
         import shutil
@@ -197,7 +202,53 @@ class EvalContext:
             with torch_threads(self.cap("threads", 1)):
                 self._finetuned[key] = fm.finetune(model_dir, train_adata, task=task, output_dir=out,
                                                    overrides=settings)
+            if not self.keep_checkpoints:  # the exported model (out/model) is all the harness reads
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return self._finetuned[key]
+
+
+SPIKE_IN_RE = r"^(ERCC-\d{5}|ERCC_\d{5})"
+"""ERCC spike-in controls (ERCC-00002 …): dropped from evaluation data unless a dataset sets keep_spike_ins."""
+
+
+def _counts_view(adata, entry: dict, path: Path):
+    """(adata with the dataset's counts as X, where they came from): suite keys `layer: <name>` (counts in
+    adata.layers) or `use_raw: true` (adata.raw), as fm.embed's layer= / use_raw= keywords."""
+    import anndata as ad
+
+    layer, use_raw = entry.get("layer"), bool(entry.get("use_raw", False))
+    if layer and use_raw:
+        raise ValueError(f"{path}: dataset {entry.get('name')!r} sets both layer and use_raw; pick one")
+    if layer:
+        if layer not in adata.layers:
+            raise ValueError(f"{path}: dataset {entry.get('name')!r}: layer {layer!r} missing; layers: "
+                             f"{list(adata.layers)}")
+        adata.X = adata.layers[layer]
+        return adata, f"layers[{layer!r}]"
+    if use_raw:
+        if adata.raw is None:
+            raise ValueError(f"{path}: dataset {entry.get('name')!r}: use_raw: true but the file has no .raw")
+        return ad.AnnData(adata.raw.X, obs=adata.obs, var=adata.raw.var, obsm=dict(adata.obsm), uns=adata.uns), "raw.X"
+    return adata, "X"
+
+
+def _check_counts(values: np.ndarray, path: Path, name: str, matrix: str) -> None:
+    """Raw counts or a clear error naming the failed check and the fix (a layer / .raw holding counts)."""
+    sample = values[:100000]
+    if not sample.size:
+        return
+    fix = ("evaluation needs raw counts so that every method gets the same normalisation: if the file keeps them "
+           "in a layer or in .raw, set `layer: <name>` or `use_raw: true` on the dataset in the suite YAML")
+    if not np.isfinite(sample).all():
+        raise ValueError(f"{path}: {matrix} of dataset {name!r} contains NaN or infinite values; {fix}")
+    if sample.min() < 0:
+        raise ValueError(f"{path}: {matrix} of dataset {name!r} is not raw counts: negative values (min "
+                         f"{sample.min():.3g}; scaled or centred data); {fix}")
+    frac = sample != np.round(sample)
+    if frac.any():
+        raise ValueError(f"{path}: {matrix} of dataset {name!r} is not raw counts: non-integer values (e.g. "
+                         f"{sample[frac][0]:.4g}; {int(frac.sum())} of the first {sample.size} nonzeros; normalised "
+                         f"or log data); {fix}")
 
 
 def select_genes(adata_log, n_top: int | None, cells=None, batch_key: str | None = None) -> np.ndarray:

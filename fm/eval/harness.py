@@ -24,7 +24,8 @@ log = logging.getLogger("fm.eval")
 PROFILES = ("ci", "cpu", "full")
 SUITE_KEYS = {"task", "description", "seeds", "methods", "datasets", "profiles", "caps"}
 PROFILE_KEYS = {"datasets", "methods", "seeds", "caps"}
-DATASET_KEYS = {"name", "file", "label_key", "batch_key", "max_cells", "split", "description"}
+DATASET_KEYS = {"name", "file", "label_key", "batch_key", "max_cells", "split", "description", "layer", "use_raw",
+                "keep_spike_ins"}
 COLUMNS = ["task", "dataset", "method", "metric", "value", "seed", "runtime_s"]
 
 
@@ -169,12 +170,17 @@ def run_task(module, dataset: dict, methods: list[str], seed: int, ctx: EvalCont
 
 def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval", seeds=None,
               data_dir=None, write: bool = True, controls: bool = True, methods=None, datasets=None,
-              progress: bool | None = None) -> pd.DataFrame:
+              progress: bool | None = None, keep_checkpoints: bool = False) -> pd.DataFrame:
     """Run one suite and (by default) write results.csv, results.md, plots and meta.json.
 
     `controls` (default on) adds the random-init twin rows of every FM method (fm.eval.controls);
     they cost as much again as the FM methods themselves. `progress`: a bar of method runs
-    (methods × datasets × seeds) on stderr (None: when stderr is a TTY; fm.progress).
+    (methods × datasets × seeds) on stderr (None: when stderr is a TTY; fm.progress). `keep_checkpoints`:
+    keep the harness fine-tunes' training checkpoints (default: only their exported models).
+
+    A dataset × seed that fails is logged and left out; the others still run, results.csv is rewritten after
+    each one (a killed run keeps what finished), the report names the failures (meta.json "failures"), and
+    the call then raises EvalFailed — so a late failure never discards finished results.
 
     Returns the tidy results (task, dataset, method, metric, value, seed, runtime_s).
     """
@@ -196,46 +202,84 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
     output_dir.mkdir(parents=True, exist_ok=True)
     ctx = EvalContext(output_dir=output_dir, profile=profile, models=models,
                       data_dir=Path(data_dir) if data_dir else default_data_dir(), caps=plan["caps"],
-                      controls=controls)
-    rows = []
+                      controls=controls, keep_checkpoints=keep_checkpoints)
+    rows, failures = [], []
     per_seed = sum(len(models) * (1 + bool(controls)) if is_fm_method(m) else 1 for m in methods)  # = method_runs
     n_runs = per_seed * len(plan["datasets"]) * len(plan["seeds"])
     with progress_bar(n_runs, f"eval {suite['task']}", "runs", progress) as bar:
         for dataset in plan["datasets"]:
             for seed in plan["seeds"]:
                 log.info("%s: dataset %s, seed %d, methods %s", suite["task"], dataset["name"], seed, methods)
-                for row in run_task(module, dataset, methods, seed, ctx, bar):
-                    rows.append({"task": suite["task"], "seed": seed, **row})
-    df = pd.DataFrame(rows)
-    for col in COLUMNS:
-        if col not in df.columns:
-            df[col] = pd.Series(dtype=float)
-    df = df[COLUMNS]
+                done = bar.n
+                try:
+                    found = run_task(module, dataset, methods, seed, ctx, bar)
+                except Exception as e:  # noqa: BLE001 — any failure of one dataset must not lose the others
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+                    failures.append({"dataset": dataset["name"], "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                    log.error("%s: dataset %s, seed %d FAILED (%s: %s); continuing with the others", suite["task"],
+                              dataset["name"], seed, type(e).__name__, e)
+                    bar.update(per_seed - (bar.n - done))
+                    continue
+                rows.extend({"task": suite["task"], "seed": seed, **row} for row in found)
+                if write:  # what finished survives a later failure or a kill
+                    _tidy(rows).to_csv(output_dir / "results.csv", index=False)
+    df = _tidy(rows)
     if write:
         from fm.eval.report import write_report
 
         write_report(df, output_dir, suite=suite, profile=profile, seeds=plan["seeds"], models=models,
-                     caps=plan["caps"], runtime_s=time.perf_counter() - t0, fm_controls=controls and bool(models))
+                     caps=plan["caps"], runtime_s=time.perf_counter() - t0, fm_controls=controls and bool(models),
+                     failures=failures)
+    if failures:
+        raise EvalFailed(f"{suite['task']}: {len(failures)} dataset run(s) failed: "
+                         + "; ".join(f"{f['dataset']} seed {f['seed']}: {f['error']}" for f in failures)
+                         + f". The results of the others are in {output_dir}/results.csv", df)
     return df
 
 
+class EvalFailed(ValueError):
+    """Some dataset runs of a suite failed; `.results` holds the rows of those that finished (also written)."""
+
+    def __init__(self, message: str, results: pd.DataFrame):
+        super().__init__(message)
+        self.results = results
+
+
+def _tidy(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.Series(dtype=float)
+    return df[COLUMNS]
+
+
 def run_suites(suite_paths, profile="cpu", models=(), output_dir="runs/eval", seeds=None,
-               controls: bool = True, methods=None, datasets=None, progress: bool | None = None) -> pd.DataFrame:
+               controls: bool = True, methods=None, datasets=None, progress: bool | None = None,
+               keep_checkpoints: bool = False) -> pd.DataFrame:
     """Several suites: each into output_dir/<task>/, plus a combined results.md at output_dir.
     `methods` / `datasets` (a subset) apply to a single suite only."""
     if len(suite_paths) == 1:
         return run_suite(suite_paths[0], profile, models, output_dir, seeds, controls=controls, methods=methods,
-                         datasets=datasets, progress=progress)
+                         datasets=datasets, progress=progress, keep_checkpoints=keep_checkpoints)
     if methods or datasets:
         raise ValueError("--methods / --datasets pick from one suite; run the suites one at a time")
     from fm.eval.report import write_combined
 
     output_dir = Path(output_dir)
     t0 = time.perf_counter()
-    frames, tasks = [], []
+    frames, tasks, failed = [], [], []
     for path in suite_paths:
         task = load_suite(path)["task"]
-        frames.append(run_suite(path, profile, models, output_dir / task, seeds, controls=controls, progress=progress))
+        try:
+            frames.append(run_suite(path, profile, models, output_dir / task, seeds, controls=controls,
+                                    progress=progress, keep_checkpoints=keep_checkpoints))
+        except EvalFailed as e:  # the other suites still run; the combined report shows what finished
+            frames.append(e.results)
+            failed.append(str(e))
         tasks.append(task)
     write_combined(output_dir, tasks, profile=profile, runtime_s=time.perf_counter() - t0)
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    if failed:
+        raise EvalFailed(" | ".join(failed), df)
+    return df

@@ -218,9 +218,11 @@ def plot_umaps(df, output_dir: Path, main: str, higher: bool, controls=()) -> li
 
 
 def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, seeds, models, caps,
-                 runtime_s: float, fm_controls: bool = False) -> None:
+                 runtime_s: float, fm_controls: bool = False, failures: list[dict] | None = None) -> None:
     """results.csv, deltas.csv (Δ of FM rows, fm.eval.deltas), results.md, plots and meta.json.
-    `fm_controls`: the run carried random-init twin rows (recorded in the command and meta.json)."""
+    `fm_controls`: the run carried random-init twin rows (recorded in the command and meta.json); `failures`:
+    dataset runs that failed ({dataset, seed, error}), listed at the top of results.md and in meta.json."""
+    failures = list(failures or [])
     module = suite["_module"]
     main, higher, controls = module.MAIN_METRIC, module.HIGHER_IS_BETTER, list(module.CONTROLS)
     output_dir = Path(output_dir)
@@ -252,13 +254,16 @@ def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, 
                 "weights), oriented so that > 0 means the FM row is better; mean of per-seed paired differences "
                 "with a 95 % t-interval when n ≥ 2 seeds."), ""]
         md += [f"{flag}  " for flag in flags] + ([""] if flags else [])
+    if failures:
+        md += ["**Failed dataset runs (not in the tables):**", ""]
+        md += [f"- {f['dataset']} seed {f['seed']}: {f['error']}" for f in failures] + [""]
     md.append(markdown_tables(df, main, higher, controls, deltas))
     (output_dir / "results.md").write_text("\n".join(md))
     meta = {"task": suite["task"], "suite": suite["_path"], "profile": profile, "seeds": list(seeds),
             "models": [str(m) for m in models], "caps": caps, "main_metric": main, "higher_is_better": higher,
             "controls": controls, "runtime_s": round(runtime_s, 2), "git_sha": git_sha(), "command": command,
             "argv": sys.argv, "versions": versions(), "plots": plots, "fm_controls": fm_controls,
-            "twin_flags": flags}
+            "twin_flags": flags, "failures": failures}
     (output_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
