@@ -197,3 +197,19 @@ def test_a_failing_dataset_keeps_the_others_results(tmp_path, pbmc_small):
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert [f["dataset"] for f in meta["failures"]] == ["logged"]
     assert "Failed dataset runs" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_column_split_takes_lists_of_values(tmp_path, pbmc_small):
+    from fm.eval.context import EvalContext
+    from fm.eval.tasks.annotation import make_split
+
+    pbmc_small.obs["plate"] = np.arange(pbmc_small.n_obs) % 4 + 1
+    pbmc_small.uns["eval_file"] = "pbmc_small"
+    ctx = EvalContext(output_dir=tmp_path, profile="ci", models=[], data_dir=tmp_path, caps={})
+    labels = pbmc_small.obs["cell_type"].astype(str).to_numpy()
+    spec = {"name": "plates", "split": {"kind": "column", "key": "plate", "train": [1, 2], "test": 3}}
+    train, test = make_split(pbmc_small, spec, 0, ctx, labels)
+    assert set(pbmc_small.obs.plate.iloc[train]) == {1, 2} and set(pbmc_small.obs.plate.iloc[test]) == {3}
+    spec = {"name": "typo", "split": {"kind": "column", "key": "plate", "train": [1, 7], "test": 9}}
+    with pytest.raises(ValueError, match=r"values not in the column: \['7', '9'\]"):
+        make_split(pbmc_small, spec, 0, ctx, labels)

@@ -54,10 +54,17 @@ def make_split(adata, dataset: dict, seed: int, ctx: EvalContext, labels: np.nda
             raise ValueError(f"{adata.uns['eval_file']}: obs has no column {column!r} (split.key of dataset "
                              f"{dataset['name']!r}); columns present: {list(adata.obs.columns)}")
         values = adata.obs[column].astype(str).to_numpy()
-        train, test = np.flatnonzero(values == str(spec["train"])), np.flatnonzero(values == str(spec["test"]))
+        wanted = {side: [str(v) for v in (spec[side] if isinstance(spec[side], (list, tuple)) else [spec[side]])]
+                  for side in ("train", "test")}  # one value or a list of them (plates [1, 2] → [3])
+        if set(wanted["train"]) & set(wanted["test"]):
+            raise ValueError(f"dataset {dataset['name']!r}: split values {sorted(set(wanted['train']) & set(wanted['test']))} "
+                             "are both train and test")
+        train, test = (np.flatnonzero(np.isin(values, wanted[side])) for side in ("train", "test"))
         if not len(train) or not len(test):
-            raise ValueError(f"{adata.uns['eval_file']}: split on {column!r} gives {len(train)} train / {len(test)} "
-                             f"test cells (values {sorted(set(values))})")
+            absent = sorted(v for side in wanted.values() for v in side if v not in set(values))
+            raise ValueError(f"{adata.uns['eval_file']}: split on {column!r} (train {wanted['train']}, test "
+                             f"{wanted['test']}) gives {len(train)} train / {len(test)} test cells; values not in the "
+                             f"column: {absent} (values present: {sorted(set(values))})")
     else:
         raise ValueError(f"dataset {dataset['name']!r}: split kind {kind!r} unknown (random | column)")
     return ctx.save_split(f"{dataset['name']}_seed{seed}", np.sort(train), np.sort(test), obs_names=adata.obs_names)
