@@ -213,3 +213,29 @@ def test_column_split_takes_lists_of_values(tmp_path, pbmc_small):
     spec = {"name": "typo", "split": {"kind": "column", "key": "plate", "train": [1, 7], "test": 9}}
     with pytest.raises(ValueError, match=r"values not in the column: \['7', '9'\]"):
         make_split(pbmc_small, spec, 0, ctx, labels)
+
+
+def test_imputation_flags_methods_that_destroy_structure(caplog):
+    from fm.eval.tasks.imputation import report_flags
+
+    rows = [("none", "ari_kmeans", 0.95), ("smooth", "ari_kmeans", 0.93), ("fm_finetune[m]", "ari_kmeans", 0.07),
+            ("none", "mcv_mse", 0.79), ("fm_finetune[m]", "mcv_mse", 0.74)]
+    df = pd.DataFrame([{"dataset": "cellbench", "method": m, "metric": k, "value": v, "seed": 0} for m, k, v in rows])
+    with caplog.at_level("WARNING", logger="fm.eval"):
+        flags = report_flags(df)
+    assert len(flags) == 1 and "fm_finetune[m] destroys cell-type structure" in flags[0] and "0.070 vs 0.950" in flags[0]
+    assert any("destroys" in r.getMessage() for r in caplog.records)
+
+
+def test_spike_ins_are_dropped_unless_kept(tmp_path, pbmc_small):
+    from fm.eval.context import EvalContext
+
+    names = list(pbmc_small.var_names)
+    names[:3] = ["ERCC-00002", "ERCC-00003", "ERCC-00004"]
+    pbmc_small.var_names = names
+    pbmc_small.write_h5ad(tmp_path / "spiked.h5ad")
+    ctx = EvalContext(output_dir=tmp_path, profile="ci", models=[], data_dir=tmp_path, caps={})
+    entry = {"name": "spiked", "file": str(tmp_path / "spiked.h5ad")}
+    loaded = ctx.load_dataset(entry)
+    assert loaded.n_vars == pbmc_small.n_vars - 3 and not loaded.var_names.str.startswith("ERCC").any()
+    assert ctx.load_dataset({**entry, "keep_spike_ins": True}).n_vars == pbmc_small.n_vars

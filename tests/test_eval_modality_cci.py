@@ -139,3 +139,23 @@ def test_cci_ci_profile(tmp_path):
     assert auroc.max() - auroc["random"] > 0.1, auroc.to_dict()
     auprc = _main(df, "auprc")
     assert auprc.max() > 1.5 * truth["true"].mean(), (auprc.to_dict(), truth["true"].mean())
+
+
+def test_near_empty_proteins_are_not_targets(tmp_path, citeseq_h5ad_path, caplog):
+    from fm.eval.context import EvalContext
+    from fm.eval.tasks.modality_prediction import prepare
+
+    a = ad.read_h5ad(citeseq_h5ad_path)[:200].copy()
+    proteins = a.obsm["protein_counts"].copy()
+    first = proteins.columns[0]
+    proteins[first] = 0
+    proteins.iloc[:2, 0] = 1  # 2 counts over 200 cells, like CD223 in the 10x files
+    a.obsm["protein_counts"] = proteins
+    a.write_h5ad(tmp_path / "cite.h5ad")
+    ctx = EvalContext(output_dir=tmp_path / "out", profile="ci", models=[], data_dir=tmp_path, caps={"n_hvg": 200})
+    entry = {"name": "cite", "file": str(tmp_path / "cite.h5ad"), "protein_key": "protein_counts"}
+    with caplog.at_level("WARNING", logger="fm.eval"):
+        p = prepare(entry, 0, ctx)
+    assert first not in p.target_names and p.y.shape[1] == len(p.target_names) >= 1
+    assert any(first in r.getMessage() and "fewer than 10 cells" in r.getMessage() for r in caplog.records)
+    assert first in prepare({**entry, "min_protein_cells": 1}, 0, ctx).target_names

@@ -230,6 +230,8 @@ def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, 
     deltas = fm_deltas(df, main, higher, controls)
     deltas.to_csv(output_dir / "deltas.csv", index=False)
     flags = twin_flags(deltas)
+    if not df.empty and hasattr(module, "report_flags"):  # task-specific warnings (imputation: lost structure)
+        flags += module.report_flags(df)
     plots = []
     if not df.empty:
         plot_main_bars(df, output_dir / f"{suite['task']}_{main}.png".replace(":", "_"), main, higher, controls)
@@ -253,7 +255,7 @@ def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, 
                 "its random-init twin (`[<model>:random_init]` zero-shot, `[<model>:scratch]` fine-tuned from random "
                 "weights), oriented so that > 0 means the FM row is better; mean of per-seed paired differences "
                 "with a 95 % t-interval when n ≥ 2 seeds."), ""]
-        md += [f"{flag}  " for flag in flags] + ([""] if flags else [])
+    md += [f"{flag}  " for flag in flags] + ([""] if flags else [])
     if failures:
         md += ["**Failed dataset runs (not in the tables):**", ""]
         md += [f"- {f['dataset']} seed {f['seed']}: {f['error']}" for f in failures] + [""]

@@ -46,7 +46,9 @@ log = logging.getLogger("fm.eval")
 MAIN_METRIC = "pearson_protein"
 HIGHER_IS_BETTER = True
 CONTROLS = ["mean"]
-DATASET_KEYS = {"protein_key", "protein_names_key", "n_hvg"}
+DATASET_KEYS = {"protein_key", "protein_names_key", "n_hvg", "min_protein_cells"}
+MIN_PROTEIN_CELLS = 10
+"""A protein with a count in fewer cells than this is not a target (see prepare)."""
 FINETUNE_KEY = "protein_counts"
 """obsm key of the train cells' ADT counts handed to the fine-tuning (a DataFrame with the suite's names)."""
 
@@ -118,6 +120,16 @@ def prepare(dataset: dict, seed: int, ctx: EvalContext) -> Prepared:
     dropped = [names[i] for i in range(len(names)) if i not in target_cols]
     if dropped:
         log.info("modality %s: isotype controls %s excluded from targets and metrics", dataset["name"], dropped)
+    # A protein measured in almost no cell has a CLR that is just minus the cell's ADT depth term: every method
+    # "predicts" it from depth (CD223, 2 counts in 500 cells: Pearson 0.64-0.71 for all). Not a target.
+    min_cells = int(dataset.get("min_protein_cells", ctx.cap("min_protein_cells", MIN_PROTEIN_CELLS)))
+    detected = (np.asarray(counts) > 0).sum(0)
+    empty = [i for i in target_cols if detected[i] < min_cells]
+    if empty:
+        log.warning("modality %s: proteins %s are detected in fewer than %d cells (%s); excluded from targets and "
+                    "metrics (dataset key min_protein_cells sets the minimum)", dataset["name"],
+                    [names[i] for i in empty], min_cells, [int(detected[i]) for i in empty])
+        target_cols = [i for i in target_cols if i not in empty]
     train, test = make_split(adata, dataset, seed, ctx)
     lognorm = log_normalise(adata)
     genes = select_genes(lognorm, dataset.get("n_hvg", ctx.cap("n_hvg", 2000)), cells=train)
