@@ -166,10 +166,9 @@ def _bert_variant(cls, config):
     to ScFMModel / ScFMForMaskedExpression, whatever the backbone), or None."""
     if not isinstance(config, ScFMConfig) or config.backbone != "bert":
         return None
-    from . import modeling_bert
+    from .modeling_bert import ScFMBertForMaskedLM, ScFMBertModel  # names: exported model code copies the file
 
-    return {ScFMModel: modeling_bert.ScFMBertModel,
-            ScFMForMaskedExpression: modeling_bert.ScFMBertForMaskedLM}.get(cls)
+    return {ScFMModel: ScFMBertModel, ScFMForMaskedExpression: ScFMBertForMaskedLM}.get(cls)
 
 
 class _BackboneDispatch:
