@@ -136,11 +136,14 @@ def render_card(directory: Path, model, source: str | None = None, run_dir: Path
     auto_map = getattr(model.config, "auto_map", None) or {}
     lines = [_front_matter(task, licence), f"# scfm {task} model: `{arch}`", "",
              "A transformer over gene tokens (scGPT-style single-cell foundation model, package "
-             f"scfm): each cell is its expressed genes with their {model.config.value_encoding} "
-             "expression values; the cell embedding is the " +
+             "scfm): each cell is its expressed genes, each with its expression value (value encoding "
+             f"`{model.config.value_encoding}`); the cell embedding is the " +
              ("<cls> hidden state." if model.config.pooling == "cls" else "mean of the gene hidden states."), ""]
     if source:
         lines += [f"**Origin:** {source}.", ""]
+    init_from = ((recipe or {}).get("model") or {}).get("init_from")
+    if init_from:
+        lines += [f"Fine-tuned from `{init_from}`.", ""]
     lines += ["## Model description", "", *_architecture(model), "",
               "## Training data", "", *_training_data(model, recipe, source), "",
               "## Training recipe", ""]

@@ -108,11 +108,11 @@ class GeneVocab:
         """Copy the artifact files (unchanged, so hashes still match) into e.g. a checkpoint directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for name in (self.config["vocab_file"], self.config["symbols_file"]):
-            src, dst = self.directory / name, directory / name
+        config = CONFIG_FILE if (self.directory / CONFIG_FILE).is_file() else LEGACY_CONFIG_FILE
+        for name, out in ((self.config["vocab_file"],) * 2, (self.config["symbols_file"],) * 2, (config, CONFIG_FILE)):
+            src, dst = self.directory / name, directory / out
             if not (dst.exists() and src.resolve() == dst.resolve()):
                 shutil.copyfile(src, dst)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
         legacy = directory / LEGACY_CONFIG_FILE  # an old export re-saved in place: leave no file AutoTokenizer trips on
         if legacy.is_file() and directory.resolve() != vocab_dir().resolve():
             legacy.unlink()

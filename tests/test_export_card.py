@@ -147,15 +147,22 @@ def test_remote_annotation_head_matches_fm(annotated, pbmc_small, tmp_path):
         np.testing.assert_allclose(got, model(**batch).logits.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_auto_tokenizer_finds_no_tokenizer(tiny_model_dir):
-    """No file of ours looks like a Hugging Face tokenizer: AutoTokenizer fails with its own plain error instead
-    of tripping over our vocabulary config; the card says tokenization is fm's CellTokenizer."""
+def test_auto_tokenizer_finds_no_tokenizer(tiny_model_dir, tmp_path):
+    """No file of ours looks like a Hugging Face tokenizer: AutoTokenizer fails exactly as on a directory holding
+    config.json alone (transformers 5 then falls back to TokenizersBackend, which finds no tokenizer.json), so
+    nothing of ours is read; the card says tokenization is fm's CellTokenizer."""
     from transformers import AutoTokenizer
 
     assert (tiny_model_dir / CONFIG_FILE).is_file() and not (tiny_model_dir / LEGACY_CONFIG_FILE).exists()
-    with pytest.raises((OSError, ValueError)) as err:
-        AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert "backend" not in str(err.value).lower() or "tokenizer" in str(err.value).lower()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", bare / "config.json")
+    errors = []
+    for d in (tiny_model_dir, bare):
+        with pytest.raises((OSError, ValueError)) as err:
+            AutoTokenizer.from_pretrained(d)
+        errors.append((type(err.value), str(err.value)))
+    assert errors[0] == errors[1]
     assert "CellTokenizer" in (tiny_model_dir / "README.md").read_text()
 
 
