@@ -166,9 +166,10 @@ def _bert_variant(cls, config):
     to ScFMModel / ScFMForMaskedExpression, whatever the backbone), or None."""
     if not isinstance(config, ScFMConfig) or config.backbone != "bert":
         return None
-    from .modeling_bert import ScFMBertForMaskedLM, ScFMBertModel  # names: exported model code copies the file
+    from . import modeling_bert
 
-    return {ScFMModel: ScFMBertModel, ScFMForMaskedExpression: ScFMBertForMaskedLM}.get(cls)
+    return {ScFMModel: modeling_bert.ScFMBertModel,
+            ScFMForMaskedExpression: modeling_bert.ScFMBertForMaskedLM}.get(cls)
 
 
 class _BackboneDispatch:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import sys
+import tempfile
 from pathlib import Path
 
 PACKAGE = "fm"
@@ -99,19 +100,22 @@ def module_closure(modules: list[str]) -> list[str]:
 
 def rewrite(module: str, closure: list[str]) -> str:
     """The module's source with its fm imports as flat relative imports (`from .heads_annotation import X`)."""
-    lines = _source(module).read_text().splitlines(keepends=True)
+    lines, modules = _source(module).read_text().splitlines(keepends=True), []
     for node, in_try, targets in sorted(_imports(module), key=lambda item: -item[0].lineno):
         indent = lines[node.lineno - 1][: node.col_offset]
         names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
         target, bound = targets[0]
         if in_try and any(t not in closure for t, _ in targets):  # optional, not exported: the ImportError expected
             new = f"{indent}raise ImportError({target + ' is not part of the exported model code'!r})\n"
-        elif bound is not None:  # transformers' copier does not see `from . import x`: the file would be missing
-            raise ValueError(f"{module}:{node.lineno}: `from … import {bound}` binds a module; import its names "
-                             f"(`from .{bound} import …`) so transformers copies the file with the model code")
+        elif bound is not None:  # `from fm.heads import annotation`: the module itself
+            new = f"{indent}from . import " + ", ".join(f"{flat_name(t)} as {b}" for t, b in targets) + "\n"
+            modules.extend(flat_name(t) for t, _ in targets)
         else:
             new = f"{indent}from .{flat_name(target)} import {names}\n"
         lines[node.lineno - 1: node.end_lineno] = [new]
+    if modules:  # transformers copies the files named by `from .x import`; it does not see `from . import x`
+        lines.append("\n\nif False:  # written by fm/remote_code.py: lists those files for transformers' copier\n")
+        lines.extend(f"    from .{m} import __name__  # noqa: F401\n" for m in dict.fromkeys(modules))
     return "".join(lines)
 
 
@@ -119,7 +123,6 @@ def third_party_imports(source: str) -> set[str]:
     """Top-level packages a written module needs as transformers' check_imports sees them (try blocks skipped)."""
     from transformers.dynamic_module_utils import get_imports
 
-    import tempfile
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(source)
     try:
