@@ -133,6 +133,7 @@ def write_checkpoint(adata, size: str, out: Path, max_genes: int, dropout: float
     at the named size; built as our model (importer's config) and exported with `fm convert --to scgpt`."""
     from fm.convert.common import map_gene_names
     from fm.convert.scgpt import export_scgpt, scgpt_config
+    from fm.export import save_export
     from fm.modeling_scfm import ScFMForMaskedExpression
     from fm.tokenizer import CellTokenizer
 
@@ -146,8 +147,7 @@ def write_checkpoint(adata, size: str, out: Path, max_genes: int, dropout: float
     torch.manual_seed(seed)
     model = ScFMForMaskedExpression(config)
     tokenizer = CellTokenizer(n_bins=config.n_bins, gene_table=config.gene_table, model_genes=mapping.model_genes)
-    model.save_pretrained(out / "scfm")
-    tokenizer.save_pretrained(out / "scfm")
+    save_export(model, tokenizer, out / "scfm", source="randomly initialised scGPT-shaped benchmark model (bench)")
     (out / "scfm" / "scgpt_args.json").write_text(json.dumps(args))
     return export_scgpt(out / "scfm", out / "scgpt")
 

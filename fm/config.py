@@ -68,6 +68,10 @@ class ModelConfig:
     that train; debug recipe on 2 CPU cores: 2.6k rows, 0.17 s/step vs 0.29 s for 'full', whose dense AdamW
     update dominates), 'full' = one per vocabulary id (~157k). init_from keeps its own."""
 
+    license: str | None = None
+    """Licence of the exported weights, a Hugging Face licence id (e.g. 'cc-by-4.0', 'mit'): the model card's
+    `license:` field. None: 'unknown' (set it before publishing; the training data's terms may constrain it)."""
+
     def __post_init__(self):
         if self.architecture not in ("scfm", "scgpt"):
             raise ValueError(f"model.architecture must be 'scfm' or 'scgpt', got {self.architecture!r}")

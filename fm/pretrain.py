@@ -73,10 +73,12 @@ def encoded_genes(cells: EncodedCells, vocab_size: int) -> np.ndarray:
 
 
 def export_pretrained(tokenizer: CellTokenizer):
-    """Exporter for train(): config.json + model.safetensors + tokenizer files in one directory."""
+    """Exporter for train(): config.json + model.safetensors + tokenizer files + model code + model card
+    (README.md, from the run's config.yaml one level up) in one directory (fm.export.save_export)."""
     def export(model, state_dict, directory: Path) -> None:
-        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
+        from fm.export import save_export
+
+        save_export(model, tokenizer, directory, state_dict=state_dict)
     return export
 
 

@@ -24,8 +24,11 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from fm.binning import bin_csr
-from fm.preprocessing import TARGET_SUM
+try:  # the encoders' helpers (collator side); the model code an export carries (fm/remote_code.py) has neither
+    from fm.binning import bin_csr
+    from fm.preprocessing import TARGET_SUM
+except ImportError:  # only in that copy, whose model never encodes counts (both modules import numpy alone)
+    bin_csr, TARGET_SUM = None, None
 
 MIN_N_BINS = 2
 """n_bins - 1 >= 1 levels for expressed genes, and targets are divided by n_bins - 1 (n_bins = 2

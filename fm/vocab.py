@@ -21,7 +21,11 @@ import pandas as pd
 
 from fm.paths import vocab_dir
 
-CONFIG_FILE = "tokenizer_config.json"
+CONFIG_FILE = "scfm_vocab.json"
+"""The vocabulary's config (file names, hashes, special tokens) as an export writes it: not `tokenizer_config.json`,
+which Hugging Face's AutoTokenizer takes for its own and then fails on with a confusing backend error."""
+LEGACY_CONFIG_FILE = "tokenizer_config.json"
+"""Its name in the shipped tokenizers/ artifacts and in exports written before the rename; still read."""
 SPECIES = ("human", "mouse")
 _SPECIES_ALIASES = {"human": "human", "homo_sapiens": "human", "homo sapiens": "human", "hsapiens": "human",
                     "mouse": "mouse", "mus_musculus": "mouse", "mus musculus": "mouse", "mmusculus": "mouse"}
@@ -73,7 +77,9 @@ class GeneVocab:
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
-            raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not a gene-vocabulary directory "
+            config_path = directory / LEGACY_CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (or {LEGACY_CONFIG_FILE}); not a gene-vocabulary directory "
                                     "(build one with `python tokenizers/build_vocab.py`)")
         try:
             config = json.loads(config_path.read_text())
@@ -102,10 +108,14 @@ class GeneVocab:
         """Copy the artifact files (unchanged, so hashes still match) into e.g. a checkpoint directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for name in (self.config["vocab_file"], self.config["symbols_file"], CONFIG_FILE):
-            src, dst = self.directory / name, directory / name
+        config = CONFIG_FILE if (self.directory / CONFIG_FILE).is_file() else LEGACY_CONFIG_FILE
+        for name, out in ((self.config["vocab_file"],) * 2, (self.config["symbols_file"],) * 2, (config, CONFIG_FILE)):
+            src, dst = self.directory / name, directory / out
             if not (dst.exists() and src.resolve() == dst.resolve()):
                 shutil.copyfile(src, dst)
+        legacy = directory / LEGACY_CONFIG_FILE  # an old export re-saved in place: leave no file AutoTokenizer trips on
+        if legacy.is_file() and directory.resolve() != vocab_dir().resolve():
+            legacy.unlink()
 
     # ------------------------------------------------------------------ lookup
     def __len__(self) -> int:

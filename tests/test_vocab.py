@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 
 from fm.paths import data_dir, h5ad_path, vocab_dir
-from fm.vocab import CONFIG_FILE, GeneVocab, tokens_sha256
+from fm.vocab import CONFIG_FILE, LEGACY_CONFIG_FILE, GeneVocab, tokens_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "tokenizers" / "build_vocab.py"
-ARTIFACTS = ("gene_vocab.tsv.gz", "gene_symbols.tsv.gz", CONFIG_FILE)
+ARTIFACTS = ("gene_vocab.tsv.gz", "gene_symbols.tsv.gz", LEGACY_CONFIG_FILE)  # the shipped names
 TABLES = {"human": "genes_homo_sapiens.csv.gz", "mouse": "genes_mus_musculus.csv.gz"}
 
 
@@ -221,8 +221,9 @@ def test_lookup_fast(vocab):
 # ---------------------------------------------------------------------------------- persistence
 def test_save_load_roundtrip(vocab, tmp_path):
     vocab.save(tmp_path)
-    for name in ARTIFACTS:
-        assert (tmp_path / name).read_bytes() == (vocab.directory / name).read_bytes()
+    for name in ARTIFACTS:  # copied unchanged; the config under the export's name
+        saved = CONFIG_FILE if name == LEGACY_CONFIG_FILE else name
+        assert (tmp_path / saved).read_bytes() == (vocab.directory / name).read_bytes()
     loaded = GeneVocab.load(tmp_path)
     assert loaded.sha256 == vocab.sha256 and (loaded.tokens == vocab.tokens).all()
     names = ["TP53", "Xkr4", "ENSG00000141510.2", "nope"]
@@ -286,7 +287,7 @@ def test_build_is_reproducible(genes_dir, tmp_path):
         if name.endswith(".gz"):  # compressed bytes may differ across zlib builds; content must not
             a, ref = gzip.decompress(a), gzip.decompress(ref)
         assert a == ref, f"{name}: rebuilt artifact differs from the committed one; rerun build_vocab.py"
-    config = json.loads((outs[0] / CONFIG_FILE).read_text())
+    config = json.loads((outs[0] / LEGACY_CONFIG_FILE).read_text())
     assert config["sources"] == {"human": "GENCODE v48", "mouse": "GENCODE M37"}
     assert set(config["source_sha256"]) == set(TABLES.values())
     shutil.rmtree(tmp_path)

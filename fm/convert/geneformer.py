@@ -27,6 +27,7 @@ import torch
 from fm.configuration_scfm import ScFMConfig
 from fm.convert.common import (CheckpointFormatError, check_keys, map_gene_names, read_json, read_state_dict,
                                write_report)
+from fm.export import save_export
 from fm.tokenizer import CellTokenizer
 
 log = logging.getLogger("fm")
@@ -259,8 +260,7 @@ def convert_geneformer(src, out, dictionaries=None) -> Path:
     model, tokenizer, report = load_geneformer(src, dictionaries)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_export(model, tokenizer, out, source=f"converted from Geneformer checkpoint {Path(src).resolve()}")
     write_report(out, report)
     return out
 

@@ -29,6 +29,7 @@ import torch
 from fm.configuration_scfm import SCGPT_ARCHITECTURE, ScFMConfig
 from fm.convert.common import (CheckpointFormatError, check_keys, map_gene_names, read_json, read_state_dict,
                                token_names, write_report)
+from fm.export import save_export
 from fm.tokenizer import CellTokenizer
 
 log = logging.getLogger("fm")
@@ -224,8 +225,7 @@ def convert_scgpt(src: str | Path, out: str | Path) -> Path:
     model, tokenizer, report = load_scgpt(src)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_export(model, tokenizer, out, source=f"converted from scGPT checkpoint {Path(src).resolve()}")
     (out / SOURCE_ARGS_FILE).write_text(json.dumps(report.pop("args"), indent=1))
     extra = report.pop("extra")
     if extra:

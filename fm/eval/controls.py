@@ -65,6 +65,7 @@ def random_init_twin(model_dir: str | Path, out_dir: str | Path, seed: int) -> P
     from transformers import AutoConfig
 
     from fm.api import architecture_class
+    from fm.export import save_export
     from fm.quality import untrained_twin
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -77,10 +78,11 @@ def random_init_twin(model_dir: str | Path, out_dir: str | Path, seed: int) -> P
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
+    for f in model_dir.iterdir():  # tokenizer files and the like; config, weights, code and card are rewritten
+        if f.is_file() and f.name not in ("config.json", "README.md") and not f.name.endswith(WEIGHT_SUFFIXES + (".py",)):
             shutil.copy2(f, out_dir / f.name)
-    model.save_pretrained(out_dir)
+    save_export(model, None, out_dir, source=f"random-init control (untrained weights, seed {int(seed)}) of "
+                                             f"{model_dir.resolve()}: not a trained model")
     (out_dir / MARKER).write_text(json.dumps({"source": str(model_dir.resolve()), "architecture": arch,
                                               "seed": int(seed), "weights": "random (model initialiser)"}, indent=2))
     return out_dir
