@@ -237,5 +237,5 @@ def test_spike_ins_are_dropped_unless_kept(tmp_path, pbmc_small):
     ctx = EvalContext(output_dir=tmp_path, profile="ci", models=[], data_dir=tmp_path, caps={})
     entry = {"name": "spiked", "file": str(tmp_path / "spiked.h5ad")}
     loaded = ctx.load_dataset(entry)
-    assert loaded.n_vars == pbmc_small.n_vars - 3 and not any(loaded.var_names.str.startswith("ERCC"))
+    assert loaded.n_vars == pbmc_small.n_vars - 3 and not any(loaded.var_names.str.startswith("ERCC-"))
     assert ctx.load_dataset({**entry, "keep_spike_ins": True}).n_vars == pbmc_small.n_vars
