@@ -330,3 +330,40 @@ def test_compile_fullgraph_backbone():
         out = compiled(**x)
     torch.testing.assert_close(out.last_hidden_state, eager.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.cell_embedding, eager.cell_embedding, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- integrations
+
+
+def test_peft_lora_sequence_classification():
+    """PEFT's SEQ_CLS wrapper calls forward(input_ids=…, inputs_embeds=None, labels=…, output flags, **kwargs)."""
+    peft = pytest.importorskip("peft")
+    model = _build("ScFMForAnnotation")
+    lora = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", target_modules=["qkv"], r=2,
+                                                      modules_to_save=["classifier_head"]))
+    x = _inputs("ScFMForAnnotation")
+    out = lora(input_ids=x["gene_ids"], attention_mask=x["attention_mask"], values=x["values"],
+               labels=torch.tensor([0, 1, 2]))
+    out.loss.backward()
+    assert out.logits.shape == (B, 3)
+    assert any(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
+
+
+def test_bert_backbone_passes_output_flags():
+    """An imported Geneformer (BERT backbone) head returns BertModel's hidden states and attentions."""
+    config = ScFMConfig(**{**TINY, "pooling": "mean", "backbone": "bert", "gene_table": list(range(VOCAB)),
+                           "num_labels": 3},
+                        bert_config=dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=64))
+    torch.manual_seed(0)
+    model = ScFMForAnnotation(config).eval()
+    model.set_attn_implementation("eager")
+    x = _inputs("ScFMForAnnotation")
+    with torch.no_grad():
+        plain = model(**x)
+        out = model(input_ids=x["gene_ids"], attention_mask=x["attention_mask"], output_hidden_states=True,
+                    output_attentions=True)
+    assert plain.get("hidden_states") is None
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (B, L, 32)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (B, 2, L, L)
+    torch.testing.assert_close(out.logits, plain.logits)  # values are ignored by a BERT backbone

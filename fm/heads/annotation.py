@@ -7,7 +7,10 @@ The pattern every head in fm/heads/ follows:
   their keys silently, and a pretraining checkpoint's heads (gep_head, mvc_head) are dropped when
   a task head is initialised from it;
 - forward(gene_ids, values, attention_mask, condition_ids, labels=None) → a ModelOutput with
-  `.loss` when labels are given, so the one loop `fm.train.train` trains it unchanged;
+  `.loss` when labels are given, so the one loop `fm.train.train` trains it unchanged; also the
+  transformers contract (tests/test_hf_contract.py): return_dict / output_attentions / output_hidden_states
+  (None = the config's; `hidden_states` / `attentions` fields passed on from the backbone), input_ids as an
+  alias of gene_ids and values optional (modeling_scfm.resolve_inputs), every op dtype-clean (bf16 weights);
 - task metadata lives in the config (transformers conventions: num_labels, id2label, label2id),
   so an exported directory is self-describing and `fm.load` rebuilds it from config.architectures;
 - declare every config field the head reads in ScFMConfig (default + one-line comment); never
