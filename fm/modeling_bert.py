@@ -21,7 +21,7 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from transformers.utils import ModelOutput
 
 from .configuration_scfm import ScFMConfig
-from .modeling_scfm import ScFMModelOutput, ScFMPreTrainedModel, build_gene_index
+from .modeling_scfm import ScFMModelOutput, ScFMPreTrainedModel, build_gene_index, output_flags, resolve_inputs
 
 
 def bert_config_of(config: ScFMConfig) -> BertConfig:
@@ -106,17 +106,31 @@ class ScFMBertModel(ScFMPreTrainedModel):
 
     def forward(
         self,
-        gene_ids: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: None = None,
     ) -> ScFMModelOutput | tuple:
-        """gene_ids (B, L) vocab ids in Geneformer's order, left-aligned; values, condition_ids, masked_positions
-        are accepted for the heads' common call and ignored (a Geneformer cell is its gene order)."""
+        """gene_ids (B, L) vocab ids in Geneformer's order, left-aligned (input_ids: alias); values, condition_ids,
+        masked_positions are accepted for the heads' common call and ignored (a Geneformer cell is its gene order).
+        hidden_states / attentions are BertModel's, in BERT's layout (with <cls>/<eos> for V2, trimmed to the
+        longest cell): passed through, attentions with BERT's own attn_implementation rules."""
+        if gene_ids is None and input_ids is None and inputs_embeds is None:
+            raise ValueError("gene_ids (or its alias input_ids) is required: (B, L) gene vocabulary ids")
+        gene_ids = gene_ids if gene_ids is not None else input_ids
+        if inputs_embeds is not None:
+            resolve_inputs(self.config, gene_ids, values, input_ids, inputs_embeds)  # raises its clear error
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict)
         ids, mask, gene_mask = self.bert_inputs(gene_ids, attention_mask)
-        out = self.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
+        out = self.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                        output_attentions=output_attentions, return_dict=True)
         hidden = out.hidden_states[len(out.hidden_states) - 1 + self.config.embedding_layer]
         if self.config.pooling == "cls":
             cell = hidden[:, 0]
@@ -127,7 +141,9 @@ class ScFMBertModel(ScFMPreTrainedModel):
         genes = last[:, 1:-1] if self.config.add_cls_eos else last
         L = gene_ids.shape[1]  # back to the input's width: one hidden state per gene_ids position (0 at padding)
         genes = nn.functional.pad(genes, (0, 0, 0, L - genes.shape[1])) if genes.shape[1] < L else genes[:, :L]
-        result = ScFMModelOutput(last_hidden_state=last, cell_embedding=cell, gene_hidden_states=genes)
+        result = ScFMModelOutput(last_hidden_state=last, cell_embedding=cell, gene_hidden_states=genes,
+                                 hidden_states=out.hidden_states if output_hidden_states else None,
+                                 attentions=out.attentions if output_attentions else None)
         return result if return_dict else result.to_tuple()
 
 
@@ -140,6 +156,8 @@ class ScFMBertMaskedLMOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ScFMBertForMaskedLM(ScFMPreTrainedModel):
@@ -172,21 +190,28 @@ class ScFMBertForMaskedLM(ScFMPreTrainedModel):
 
     def forward(
         self,
-        gene_ids: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: None = None,
     ) -> ScFMBertMaskedLMOutput | tuple:
-        out = self.scfm(gene_ids, values, attention_mask)
+        return_dict = output_flags(self.config, None, None, return_dict)[2]
+        out = self.scfm(gene_ids, values, attention_mask, output_attentions=output_attentions,
+                        output_hidden_states=output_hidden_states, input_ids=input_ids, inputs_embeds=inputs_embeds)
         logits = self.mlm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long(), ignore_index=-100)
         result = ScFMBertMaskedLMOutput(loss=loss, logits=logits, cell_embedding=out.cell_embedding,
-                                        last_hidden_state=out.last_hidden_state)
+                                        last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
         return result if return_dict else result.to_tuple()
 
 

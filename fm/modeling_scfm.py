@@ -14,95 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .attention_scfm import ScFMAttention, ScFMBlock, ScFMMLP
 from .configuration_scfm import ScFMConfig
 from .embeddings_scfm import ScFMContinuousValueEncoder, ScFMEmbeddings, build_gene_index
 from .objectives import (ScFMExpressionHead, ScFMMVCHead, ScFMWholeCellHead, masked_mse, prepare_masks,
                          view_contrastive_loss)
-
-# ---------------------------------------------------------------------------------------------
-# Attention, MLP, block
-
-
-class ScFMAttention(nn.Module):
-    """Bidirectional multi-head self-attention through `F.scaled_dot_product_attention`."""
-
-    def __init__(self, config: ScFMConfig):
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.attention_dropout = config.attention_dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)  # fused q, k, v projection
-        self.out = nn.Linear(config.d_model, config.d_model)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, index: torch.Tensor | None = None,
-                shape: tuple[int, int] | None = None, lengths: list[int] | None = None) -> torch.Tensor:
-        """x: (B, T, D), or (N, D) real tokens only with `index` (their flat positions in B·T) and shape (B, T):
-        the projections then run on real tokens only and just the attention sees the padded layout; with
-        `lengths` (tokens per cell, in order) the attention runs cell by cell on the packed tokens instead."""
-        qkv = self.qkv(x)
-        if lengths is not None:  # CPU: one unmasked SDPA per cell, no padded layout at all (2-2.3x faster at
-            N, D = qkv.shape[0], qkv.shape[-1] // 3  # Kang's lengths, batch 32; eval/perf/RESULTS.md)
-            q, k, v = qkv.view(N, 3, self.n_heads, D // self.n_heads).permute(1, 2, 0, 3)  # 3 x (H, N, D/H)
-            p = self.attention_dropout if self.training else 0.0
-            y = torch.cat([F.scaled_dot_product_attention(a[None], b[None], c[None], dropout_p=p)[0]
-                           for a, b, c in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], 1)
-            return self.out(y.transpose(0, 1).reshape(N, D))
-        if index is None:
-            B, T = x.shape[:2]
-        else:  # scatter the real tokens' q, k, v into (B·T, 3D) zeros: padded keys are masked, padded queries dropped
-            B, T = shape
-            qkv = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy_(0, index, qkv)
-        D = qkv.shape[-1] // 3
-        # (B, T, 3D) -> 3 x (B, H, T, D/H)
-        q, k, v = qkv.view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        # attn_mask: bool, True = may attend; (B, 1, 1, T) key padding or (B, 1, T, T) generative
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
-        )
-        y = y.transpose(1, 2).reshape(B, T, D)
-        if index is not None:
-            y = y.view(B * T, D).index_select(0, index)
-        return self.out(y)
-
-
-class ScFMMLP(nn.Module):
-    def __init__(self, config: ScFMConfig):
-        super().__init__()
-        self.fc = nn.Linear(config.d_model, config.d_ff)
-        self.proj = nn.Linear(config.d_ff, config.d_model)
-        self.act = F.relu if config.activation == "relu" else F.gelu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.act(self.fc(x)))
-
-
-class ScFMBlock(GradientCheckpointingLayer):
-    """Pre-LN transformer block (config.norm_first; False: Post-LN, PyTorch's TransformerEncoderLayer default
-    and scGPT's, x = ln1(x + attn(x)); x = ln2(x + mlp(x))). Subclassing GradientCheckpointingLayer makes
-    `model.gradient_checkpointing_enable()` recompute this block's forward in the backward pass
-    (the hidden state must be passed positionally for that)."""
-
-    def __init__(self, config: ScFMConfig):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = ScFMAttention(config)
-        self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlp = ScFMMLP(config)
-        self.dropout = nn.Dropout(config.dropout)
-        self.norm_first = config.norm_first
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                shape: tuple[int, int] | None = None, lengths: list[int] | None = None) -> torch.Tensor:
-        """x: (B, T, D), or (N, D) packed real tokens with `index` and `shape`, or `lengths` (see ScFMAttention):
-        every op but the attention is per token, so it runs on real tokens only."""
-        if not self.norm_first:
-            x = self.ln1(x + self.dropout(self.attn(x, attn_mask, index, shape, lengths)))
-            return self.ln2(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.attn(self.ln1(x), attn_mask, index, shape, lengths))
-        return x + self.dropout(self.mlp(self.ln2(x)))
-
 
 # ---------------------------------------------------------------------------------------------
 # PreTrainedModel
@@ -113,7 +31,7 @@ class ScFMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "scfm"  # every ScFMFor* holds its backbone as `self.scfm`
     main_input_name = "gene_ids"
     supports_gradient_checkpointing = True
-    _supports_sdpa = True  # attention always goes through F.scaled_dot_product_attention
+    _supports_sdpa = True  # default attention: F.scaled_dot_product_attention; "eager" too (fm/attention_scfm.py)
     _no_split_modules = ["ScFMBlock"]  # device_map keeps a block (its residual stream) on one device
     # Task heads live in attributes named `*_head`; loading the bare backbone from a head
     # checkpoint (AutoModel.from_pretrained) drops those keys on purpose, so they are not reported.
@@ -198,14 +116,53 @@ class _BackboneDispatch:
 
 
 
+def resolve_inputs(config: ScFMConfig, gene_ids: torch.Tensor | None, values: torch.Tensor | None,
+                   input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gene_ids, values) of a forward call, whatever generic tooling passed.
+
+    `input_ids` is an alias of `gene_ids` (PEFT's SEQ_CLS wrapper and pipelines pass input_ids=…);
+    `inputs_embeds` is refused (a token's embedding is built inside from its gene AND its value). Without
+    `values` every real gene gets the encoding's <mask> value ("expression unknown": the value the model learned
+    to read at masked positions in pretraining) and padding the <pad> value, so a model called with only its main
+    input runs and gives a cell embedding of the gene set alone; pass real values for meaningful expression."""
+    if inputs_embeds is not None:
+        raise ValueError("scfm models take gene_ids and values, not inputs_embeds: a token's embedding is the sum "
+                         "of its gene's and its value's embeddings, built inside the model (ScFMEmbeddings)")
+    if gene_ids is None:
+        gene_ids = input_ids
+    elif input_ids is not None and input_ids is not gene_ids:
+        raise ValueError("pass gene_ids or its alias input_ids, not both")
+    if gene_ids is None:
+        raise ValueError("gene_ids (or its alias input_ids) is required: (B, L) gene vocabulary ids")
+    if values is None:
+        real = gene_ids != config.pad_token_id if attention_mask is None else attention_mask.bool()
+        dtype = torch.long if config.encoding.discrete else torch.float32
+        values = torch.where(real, torch.tensor(config.mask_value_id, dtype=dtype, device=gene_ids.device),
+                             torch.tensor(config.pad_value_id, dtype=dtype, device=gene_ids.device))
+    return gene_ids, values
+
+
+def output_flags(config: ScFMConfig, output_attentions: bool | None, output_hidden_states: bool | None,
+                 return_dict: bool | None) -> tuple[bool, bool, bool]:
+    """The call's flags, each defaulting to the config's (transformers' convention)."""
+    return (config.output_attentions if output_attentions is None else bool(output_attentions),
+            config.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+            config.return_dict if return_dict is None else bool(return_dict))
+
+
 @dataclass
 class ScFMModelOutput(ModelOutput):
     """last_hidden_state (B, P+L, D) after the final LayerNorm; cell_embedding (B, D);
-    gene_hidden_states (B, L, D) = last_hidden_state without the prefix."""
+    gene_hidden_states (B, L, D) = last_hidden_state without the prefix; with output_hidden_states,
+    hidden_states: n_layers + 1 tensors (B, P+L, D), the embeddings' output first and last_hidden_state last
+    (zeros at padding, like last_hidden_state); with output_attentions, attentions: n_layers (B, H, T, T)."""
 
     last_hidden_state: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
     gene_hidden_states: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ScFMModel(_BackboneDispatch, ScFMPreTrainedModel):
@@ -225,10 +182,11 @@ class ScFMModel(_BackboneDispatch, ScFMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.gene = value
 
-    def _attention_mask(self, key_real, masked_positions):
+    def _attention_mask(self, key_real, masked_positions, drop_full: bool = True):
         """Bool SDPA mask (True = may attend) over the T = P + L tokens (key_real (B, T): real tokens), or None
-        when every key is visible (lets SDPA pick its flash kernel). Prefix tokens are real and never masked, so
-        every query row keeps at least P visible keys: no fully masked row, no NaN. Built once per forward."""
+        when every key is visible and drop_full (lets SDPA pick its flash kernel; a data-dependent branch, so
+        not when compiling). Prefix tokens are real and never masked, so every query row keeps at least P
+        visible keys: no fully masked row, no NaN. Built once per forward."""
         B, T = key_real.shape
         P = self.config.n_prefix
         if self.config.generative_mask and masked_positions is not None:
@@ -238,23 +196,30 @@ class ScFMModel(_BackboneDispatch, ScFMPreTrainedModel):
             eye = torch.eye(T, dtype=torch.bool, device=key_real.device)
             allowed = key_real[:, None, :] & (~key_masked[:, None, :] | eye)  # (B, T, T): [b, q, k]
             return allowed[:, None]  # (B, 1, T, T)
-        if bool(key_real.all()):
+        if drop_full and bool(key_real.all()):
             return None
         return key_real[:, None, None, :]  # (B, 1, 1, T)
 
     def forward(
         self,
-        gene_ids: torch.Tensor,
-        values: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: None = None,
     ) -> ScFMModelOutput | tuple:
         """gene_ids: (B, L) long, values: (B, L) long ids or float (continuous encoding), gene tokens
-        only (padding = pad_token_id / pad_value_id);
+        only (padding = pad_token_id / pad_value_id; None: see resolve_inputs);
         attention_mask: (B, L), 1 = real gene (default gene_ids != pad); condition_ids: (B, C) long;
-        masked_positions: (B, L) bool, only read for the generative attention mask."""
+        masked_positions: (B, L) bool, only read for the generative attention mask; input_ids: alias of gene_ids."""
+        gene_ids, values = resolve_inputs(self.config, gene_ids, values, input_ids, inputs_embeds, attention_mask)
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict)
         if attention_mask is None:
             attention_mask = gene_ids != self.config.pad_token_id
         attention_mask = attention_mask.bool()
@@ -266,19 +231,38 @@ class ScFMModel(_BackboneDispatch, ScFMPreTrainedModel):
         # Padding does no work: with padded cells the blocks run on the N real tokens packed as (N, D) (index =
         # their flat positions). On CPU the attention then runs per cell on them (`lengths`); elsewhere (GPU
         # kernels want one big call) and with the generative mask it sees the padded (B, T) layout. Padded
-        # positions of last_hidden_state come out as zeros.
-        index = None if bool(key_real.all()) else key_real.view(-1).nonzero().squeeze(1)
+        # positions of last_hidden_state come out as zeros. The packing is data-dependent (a sync, a
+        # data-sized tensor), so torch.compile / torch.export, eager attention and output_attentions take the
+        # padded (B, T, D) path with the key-padding mask instead, and zero the padded positions to match.
+        compiling = torch.compiler.is_compiling()
+        padded = compiling or output_attentions or self.config._attn_implementation == "eager"
+        index = None if padded or bool(key_real.all()) else key_real.view(-1).nonzero().squeeze(1)
         per_cell = index is not None and x.device.type == "cpu" and not (
             self.config.generative_mask and masked_positions is not None)
         lengths = key_real.sum(1).tolist() if per_cell else None
-        mask = None if per_cell else self._attention_mask(key_real, masked_positions)
+        mask = None if per_cell else self._attention_mask(key_real, masked_positions, drop_full=not compiling)
         if index is not None:
+            def unpack(h):  # packed (N, D) → padded (B, T, D), zeros at padding
+                return h.new_zeros(B * T, D).index_copy(0, index, h).view(B, T, D)
             x = x.reshape(B * T, D).index_select(0, index)
+        elif padded:
+            def unpack(h):
+                return h.masked_fill(~key_real[..., None], 0.0)
+        else:  # no padding
+            def unpack(h):
+                return h
+        hidden_states = [unpack(x)] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         for layer in self.layers:
-            x = layer(x, mask, index, (B, T), lengths)  # positional args: required by gradient checkpointing
-        x = self.norm(x)
-        if index is not None:
-            x = x.new_zeros(B * T, D).index_copy(0, index, x).view(B, T, D)
+            # positional args: required by gradient checkpointing
+            x, weights = layer(x, mask, index, (B, T), lengths, output_attentions)
+            if output_hidden_states:
+                hidden_states.append(unpack(x))
+            if output_attentions:
+                attentions.append(weights)
+        x = unpack(self.norm(x))
+        if output_hidden_states:  # the last entry is the final (normed) output, as GPT-2's
+            hidden_states[-1] = x
 
         genes = x[:, P:]  # (B, L, D)
         if self.config.pooling == "cls":
@@ -286,7 +270,9 @@ class ScFMModel(_BackboneDispatch, ScFMPreTrainedModel):
         else:  # mean over real gene tokens (a cell with no gene gets the zero vector)
             w = attention_mask.unsqueeze(-1).to(x.dtype)
             cell = (genes * w).sum(1) / w.sum(1).clamp(min=1.0)
-        out = ScFMModelOutput(last_hidden_state=x, cell_embedding=cell, gene_hidden_states=genes)
+        out = ScFMModelOutput(last_hidden_state=x, cell_embedding=cell, gene_hidden_states=genes,
+                              hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                              attentions=tuple(attentions) if output_attentions else None)
         return out if return_dict else out.to_tuple()
 
 
@@ -309,6 +295,8 @@ class ScFMMaskedExpressionOutput(ModelOutput):
     mvc_expression: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ScFMForMaskedExpression(_BackboneDispatch, ScFMPreTrainedModel):
@@ -333,8 +321,8 @@ class ScFMForMaskedExpression(_BackboneDispatch, ScFMPreTrainedModel):
 
     def forward(
         self,
-        gene_ids: torch.Tensor,
-        values: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
@@ -343,14 +331,21 @@ class ScFMForMaskedExpression(_BackboneDispatch, ScFMPreTrainedModel):
         decode_targets: torch.Tensor | None = None,
         decode_weights: torch.Tensor | None = None,
         view_of: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: None = None,
     ) -> ScFMMaskedExpressionOutput | tuple:
         """labels: (B, L) true value of every gene token; masked_positions: (B, L) bool, the
         positions scored by the loss (default: values == mask_value_id); decode_gene_ids (K,),
         decode_targets / decode_weights (B, K): the whole-cell decoding targets (CellCollator.decode_genes)."""
+        gene_ids, values = resolve_inputs(self.config, gene_ids, values, input_ids, inputs_embeds, attention_mask)
+        return_dict = output_flags(self.config, None, None, return_dict)[2]
         attention_mask, masked_positions = prepare_masks(self.config, gene_ids, values, attention_mask,
                                                          masked_positions)
-        out = self.scfm(gene_ids, values, attention_mask, condition_ids, masked_positions)
+        out = self.scfm(gene_ids, values, attention_mask, condition_ids, masked_positions,
+                        output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         expression = self.gep_head(out.gene_hidden_states)  # (B, L)
         mvc_expression = None
         if self.mvc_head is not None:
@@ -386,6 +381,8 @@ class ScFMForMaskedExpression(_BackboneDispatch, ScFMPreTrainedModel):
             mvc_expression=mvc_expression,
             cell_embedding=out.cell_embedding,
             last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
         return result if return_dict else result.to_tuple()
 
@@ -413,5 +410,7 @@ __all__ = [
     "ScFMForMaskedExpression",
     "ScFMMaskedExpressionOutput",
     "build_backbone",
+    "output_flags",
     "register_auto_classes",
+    "resolve_inputs",
 ]

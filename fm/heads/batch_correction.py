@@ -39,7 +39,7 @@ from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
 from fm.heads import IGNORE_INDEX
-from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone, output_flags, resolve_inputs
 from fm.objectives import ScFMExpressionHead, ScFMMVCHead, masked_mse, prepare_masks
 
 
@@ -75,6 +75,8 @@ class ScFMBatchCorrectionOutput(ModelOutput):
     ecs_loss: torch.FloatTensor | None = None
     batch_logits: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ScFMDiscriminatorHead(nn.Module):
@@ -155,23 +157,31 @@ class ScFMForBatchCorrection(ScFMPreTrainedModel):
 
     def forward(
         self,
-        gene_ids: torch.Tensor,
-        values: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         batch_labels: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: None = None,
     ) -> ScFMBatchCorrectionOutput | tuple:
         """labels: (B, L) true bins (masked positions are scored); batch_labels: (B,) long batch
         index, IGNORE_INDEX where unknown. The loss needs labels; DAR and the MVC batch offset
         need batch_labels."""
+        gene_ids, values = resolve_inputs(self.config, gene_ids, values, input_ids, inputs_embeds, attention_mask)
+        return_dict = output_flags(self.config, None, None, return_dict)[2]
         attention_mask, masked_positions = prepare_masks(self.config, gene_ids, values, attention_mask,
                                                          masked_positions)
-        out = self.scfm(gene_ids, values, attention_mask, condition_ids, masked_positions)
+        out = self.scfm(gene_ids, values, attention_mask, condition_ids, masked_positions,
+                        output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         cell = out.cell_embedding
-        result = ScFMBatchCorrectionOutput(cell_embedding=cell)
+        result = ScFMBatchCorrectionOutput(cell_embedding=cell, hidden_states=out.hidden_states,
+                                           attentions=out.attentions)
         if labels is None:
             result.batch_logits = self.dar_head(cell)
             return result if return_dict else result.to_tuple()

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone, output_flags, resolve_inputs
 
 
 @dataclass
@@ -37,6 +37,8 @@ class ScFMCCIOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     predictions: torch.FloatTensor | None = None
     niche_embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ScFMNicheHead(nn.Module):
@@ -72,25 +74,33 @@ class ScFMForCCI(ScFMPreTrainedModel):
 
     def forward(
         self,
-        gene_ids: torch.Tensor,
-        values: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         receiver_types: torch.Tensor | None = None,
         niche_composition: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: None = None,
     ) -> ScFMCCIOutput | tuple:
         """gene_ids/values/attention_mask: tokens of each receiver's niche pseudobulk; receiver_types (B,)
         long; niche_composition (B, T) float; labels (B, G) float: the receivers' log-normalised expression."""
+        gene_ids, values = resolve_inputs(self.config, gene_ids, values, input_ids, inputs_embeds, attention_mask)
+        return_dict = output_flags(self.config, None, None, return_dict)[2]
         if receiver_types is None or niche_composition is None:
             raise ValueError("ScFMForCCI.forward needs receiver_types and niche_composition")
-        niche = self.scfm(gene_ids, values, attention_mask, condition_ids).cell_embedding
+        out = self.scfm(gene_ids, values, attention_mask, condition_ids, output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        niche = out.cell_embedding
         predictions = self.niche_head(niche, receiver_types.long(), niche_composition.to(niche.dtype))
         loss = None
         if labels is not None:
             loss = F.mse_loss(predictions.float(), labels.to(predictions.device).float())
-        result = ScFMCCIOutput(loss=loss, predictions=predictions, niche_embedding=niche)
+        result = ScFMCCIOutput(loss=loss, predictions=predictions, niche_embedding=niche,
+                               hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict else result.to_tuple()
 
 

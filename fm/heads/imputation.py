@@ -21,7 +21,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone, output_flags, resolve_inputs
 from fm.objectives import masked_mse
 
 
@@ -33,6 +33,8 @@ class ScFMImputationOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     predictions: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ScFMImputationHead(nn.Module):
@@ -77,19 +79,25 @@ class ScFMForImputation(ScFMPreTrainedModel):
 
     def forward(
         self,
-        gene_ids: torch.Tensor,
-        values: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         target_gene_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         label_weights: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: None = None,
     ) -> ScFMImputationOutput | tuple:
         """target_gene_ids (B, K) long: genes to predict (padding = pad_token_id); labels (B, K) float:
         their true log1p-normalised expression; label_weights (B, K): each position's weight in the
         MSE (0 = padding; default: 1 where target_gene_ids is not padding)."""
-        out = self.scfm(gene_ids, values, attention_mask, condition_ids)
+        gene_ids, values = resolve_inputs(self.config, gene_ids, values, input_ids, inputs_embeds, attention_mask)
+        return_dict = output_flags(self.config, None, None, return_dict)[2]
+        out = self.scfm(gene_ids, values, attention_mask, condition_ids, output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         predictions = loss = None
         if target_gene_ids is not None:
             predictions = self.impute_head(self.scfm.embeddings.embed_genes(target_gene_ids), out.cell_embedding)
@@ -97,7 +105,8 @@ class ScFMForImputation(ScFMPreTrainedModel):
                 if label_weights is None:
                     label_weights = target_gene_ids != self.config.pad_token_id
                 loss = masked_mse(predictions.float(), labels.to(predictions.device), label_weights.to(predictions.device))
-        result = ScFMImputationOutput(loss=loss, predictions=predictions, cell_embedding=out.cell_embedding)
+        result = ScFMImputationOutput(loss=loss, predictions=predictions, cell_embedding=out.cell_embedding,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict else result.to_tuple()
 
 

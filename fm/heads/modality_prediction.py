@@ -26,7 +26,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from fm.configuration_scfm import ScFMConfig
-from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone
+from fm.modeling_scfm import ScFMPreTrainedModel, build_backbone, output_flags, resolve_inputs
 from fm.objectives import prepare_masks
 
 
@@ -38,6 +38,8 @@ class ScFMModalityPredictionOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     predictions: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ScFMProteinHead(nn.Module):
@@ -81,22 +83,29 @@ class ScFMForModalityPrediction(ScFMPreTrainedModel):
 
     def forward(
         self,
-        gene_ids: torch.Tensor,
-        values: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         condition_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: None = None,
     ) -> ScFMModalityPredictionOutput | tuple:
         """labels: (B, P) float CLR targets in config.protein_names order."""
+        gene_ids, values = resolve_inputs(self.config, gene_ids, values, input_ids, inputs_embeds, attention_mask)
+        return_dict = output_flags(self.config, None, None, return_dict)[2]
         attention_mask, _ = prepare_masks(self.config, gene_ids, values, attention_mask)
-        out = self.scfm(gene_ids, values, attention_mask, condition_ids)
+        out = self.scfm(gene_ids, values, attention_mask, condition_ids, output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         z = self.protein_head(out.cell_embedding, out.gene_hidden_states, attention_mask).float()
         mean, std = self._scale(z)
         loss = None
         if labels is not None:
             loss = F.mse_loss(z, (labels.to(z.device).float() - mean) / std)
-        result = ScFMModalityPredictionOutput(loss=loss, predictions=z * std + mean, cell_embedding=out.cell_embedding)
+        result = ScFMModalityPredictionOutput(loss=loss, predictions=z * std + mean, cell_embedding=out.cell_embedding,
+                                              hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict else result.to_tuple()
 
 
