@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -397,6 +397,11 @@ def register_auto_classes() -> None:
     AutoConfig.register("scfm", ScFMConfig, exist_ok=True)
     AutoModel.register(ScFMConfig, ScFMModel, exist_ok=True)
     AutoModelForMaskedLM.register(ScFMConfig, ScFMForMaskedExpression, exist_ok=True)
+    try:  # AutoTokenizer → the CellTokenizer (not in an export's remote-code copy of this file)
+        from .tokenization_scfm import ScFMAutoTokenizer
+    except ImportError:
+        return
+    AutoTokenizer.register(ScFMConfig, tokenizer_class=ScFMAutoTokenizer, exist_ok=True)
 
 
 register_auto_classes()

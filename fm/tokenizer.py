@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,6 +23,7 @@ from fm.vocab import GeneVocab
 log = logging.getLogger("fm")
 
 TOKENIZER_FILE = "cell_tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # Hugging Face's file: points AutoTokenizer at fm/tokenization_scfm.py
 MODEL_CONFIG_FILE = "config.json"  # the model's (transformers) config, saved beside the tokenizer
 UNKNOWN_CONDITION = "<unknown>"  # id 0 of every condition table: missing or unseen category
 
@@ -417,6 +419,12 @@ class CellTokenizer:
         if self.model_genes is not None:
             config["model_genes"] = self.model_genes
         (directory / TOKENIZER_FILE).write_text(json.dumps(config, indent=2))
+        # a real Hugging Face tokenizer_config.json: AutoTokenizer.from_pretrained(directory) → this CellTokenizer
+        # (with scfm installed), or a clear "install scfm" error (fm/tokenization_scfm.py, copied beside it)
+        from fm import tokenization_scfm
+
+        shutil.copyfile(tokenization_scfm.__file__, directory / "tokenization_scfm.py")
+        (directory / HF_TOKENIZER_CONFIG).write_text(json.dumps(tokenization_scfm.TOKENIZER_CONFIG, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "CellTokenizer":

@@ -114,7 +114,7 @@ class GeneVocab:
             if not (dst.exists() and src.resolve() == dst.resolve()):
                 shutil.copyfile(src, dst)
         legacy = directory / LEGACY_CONFIG_FILE  # an old export re-saved in place: leave no file AutoTokenizer trips on
-        if legacy.is_file() and directory.resolve() != vocab_dir().resolve():
+        if legacy.is_file() and directory.resolve() != vocab_dir().resolve() and _is_vocab_config(legacy):
             legacy.unlink()
 
     # ------------------------------------------------------------------ lookup
@@ -215,6 +215,14 @@ class GeneVocab:
             out[sp] = (upper[unique], token_ids[unique])
         return out
 
+
+
+def _is_vocab_config(path: Path) -> bool:
+    """True for our vocabulary config saved as tokenizer_config.json by old exports (not Hugging Face's file)."""
+    try:
+        return "vocab_sha256" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:

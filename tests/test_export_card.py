@@ -122,7 +122,8 @@ def test_auto_map_and_code_are_small(tiny_model_dir, annotated):
     assert "fm.binning" not in closure and "fm.preprocessing" not in closure and "fm.tokenizer" not in closure
     for f in annotated.glob("*.py"):
         assert third_party_imports(f.read_text()) <= THIRD_PARTY, f
-        assert "from fm" not in f.read_text() and "import fm" not in f.read_text(), f
+        if f.name != "tokenization_scfm.py":  # the AutoTokenizer entry imports fm on purpose, inside a try
+            assert "from fm" not in f.read_text() and "import fm" not in f.read_text(), f
 
 
 def test_remote_pretrained_matches_fm(tiny_model_dir, pbmc_small, tmp_path):
@@ -147,22 +148,44 @@ def test_remote_annotation_head_matches_fm(annotated, pbmc_small, tmp_path):
         np.testing.assert_allclose(got, model(**batch).logits.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_auto_tokenizer_finds_no_tokenizer(tiny_model_dir, tmp_path):
-    """No file of ours looks like a Hugging Face tokenizer: AutoTokenizer fails exactly as on a directory holding
-    config.json alone (transformers 5 then falls back to TokenizersBackend, which finds no tokenizer.json), so
-    nothing of ours is read; the card says tokenization is fm's CellTokenizer."""
+TOKENIZER_CHILD = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):  # scfm must not be importable at all
+        def find_spec(self, name, path=None, target=None):
+            if name == "fm" or name.startswith("fm."):
+                raise ImportError(f"blocked: {name}")
+
+    sys.meta_path.insert(0, Block())
+    from transformers import AutoTokenizer
+    try:
+        AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "1")
+    except Exception as e:
+        print(type(e).__name__, str(e).replace("\\n", " "))
+""")
+
+
+def test_auto_tokenizer_gives_the_cell_tokenizer(tiny_model_dir, tmp_path):
+    """AutoTokenizer.from_pretrained(export) is fm's CellTokenizer where scfm is installed; where it is not, it
+    says what to install and call (trust_remote_code=True) or asks for trust_remote_code — never a confusing
+    backend/sentencepiece error. Our own files are scfm_vocab.json / cell_tokenizer.json."""
     from transformers import AutoTokenizer
 
-    assert (tiny_model_dir / CONFIG_FILE).is_file() and not (tiny_model_dir / LEGACY_CONFIG_FILE).exists()
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    shutil.copy(tiny_model_dir / "config.json", bare / "config.json")
-    errors = []
-    for d in (tiny_model_dir, bare):
-        with pytest.raises((OSError, ValueError)) as err:
-            AutoTokenizer.from_pretrained(d)
-        errors.append((type(err.value), str(err.value)))
-    assert errors[0] == errors[1]
+    hf = json.loads((tiny_model_dir / LEGACY_CONFIG_FILE).read_text())
+    assert hf["tokenizer_class"] == "ScFMAutoTokenizer" and "vocab_sha256" not in hf
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert isinstance(tok, CellTokenizer) and tok.vocab.sha256 == fm.load(tiny_model_dir).cell_tokenizer.vocab.sha256
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, work)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    said = {}
+    for trust in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-I", "-c", TOKENIZER_CHILD, str(work), trust], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        said[trust] = proc.stdout.strip()
+    assert said["1"].startswith("ImportError") and "pip install scfm" in said["1"], said["1"]
+    assert "trust_remote_code" in said["0"] and "sentencepiece" not in said["0"], said["0"]
     assert "CellTokenizer" in (tiny_model_dir / "README.md").read_text()
 
 
@@ -178,8 +201,9 @@ def test_old_export_with_tokenizer_config_still_loads(tiny_model_dir, pbmc_small
     model = fm.load(old)
     np.testing.assert_array_equal(fm.embed(pbmc_small[:8].copy(), model),
                                   fm.embed(pbmc_small[:8].copy(), fm.load(tiny_model_dir)))
-    model.cell_tokenizer.save_pretrained(old)  # re-saved: the new name only
-    assert (old / CONFIG_FILE).is_file() and not (old / LEGACY_CONFIG_FILE).exists()
+    model.cell_tokenizer.save_pretrained(old)  # re-saved: our config under the new name, HF's file under its own
+    assert (old / CONFIG_FILE).is_file()
+    assert "vocab_sha256" not in json.loads((old / LEGACY_CONFIG_FILE).read_text())
     assert CellTokenizer.from_pretrained(old).vocab.sha256 == model.cell_tokenizer.vocab.sha256
 
 

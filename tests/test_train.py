@@ -26,7 +26,7 @@ def _losses(path):
 def test_export_loads_with_fm_and_automodel(tiny_model_dir):
     names = {p.name for p in tiny_model_dir.iterdir()}
     assert {"config.json", "model.safetensors", "cell_tokenizer.json", "scfm_vocab.json", "README.md"} <= names
-    assert "tokenizer_config.json" not in names  # AutoTokenizer would take it for its own
+    assert {"tokenizer_config.json", "tokenization_scfm.py"} <= names  # Hugging Face's file → fm's CellTokenizer
     model = fm.load(tiny_model_dir)
     assert isinstance(model, fm.ScFMForMaskedExpression) and not model.training
     backbone, info = AutoModel.from_pretrained(tiny_model_dir, output_loading_info=True)
