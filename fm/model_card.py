@@ -118,8 +118,9 @@ def _results(directory: Path, run_dir: Path | None) -> list[str]:
 def _how_to_load(task: str, auto_map: dict) -> list[str]:
     head = [k for k in auto_map if k not in ("AutoConfig", "AutoModel")]
     auto = head[0] if head else "AutoModel"
-    return ["With scfm installed (cells are tokenized by scfm's `CellTokenizer`, not a Hugging Face tokenizer; "
-            "`AutoTokenizer` finds none here):", "", "```python", "import fm", "",
+    return ["With scfm installed (cells are tokenized from AnnData counts by scfm's `CellTokenizer`, not by a text "
+            "tokenizer; `AutoTokenizer.from_pretrained(<this directory>)` returns that CellTokenizer):", "",
+            "```python", "import fm", "",
             'model = fm.load("<this directory>")  # model.cell_tokenizer turns an AnnData of counts into tokens',
             'adata.obsm["X_fm"] = fm.embed(adata, model)', "```", "",
             "With transformers alone (the model code is in this directory; needs torch, transformers, numpy):", "",
