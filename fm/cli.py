@@ -13,8 +13,23 @@ from pathlib import Path
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("anndata", "h5py", "urllib3", "filelock", "fsspec"):
+    for noisy in ("anndata", "h5py", "urllib3", "filelock", "fsspec", "accelerate"):  # accelerate: INFO per checkpoint
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed is imported by accelerate / transformers whenever it is installed (saving any model unwraps it
+    through accelerate), and then warns "Setting accelerator to CPU" on every CPU-only command. Naming the CPU
+    accelerator up front — what DeepSpeed would detect anyway — silences it; a GPU machine and a user's own
+    DS_ACCELERATOR are left alone."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+    if not gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _report_run(result, cfg, label: str) -> int:
@@ -182,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    _quiet_deepspeed_on_cpu()
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError) as e:

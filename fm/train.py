@@ -41,6 +41,7 @@ from fm.data.collator import pad_multiple
 from fm.early_stopping import EarlyStopping
 from fm.paths import remove_stale_temp_files, respect_umask
 from fm.precision import resolve_mixed_precision
+from fm.progress import progress_enabled
 from fm.train_state import (CHECKPOINTS, EXIT_PREEMPTED, STATE_FILE, StopSignal, append_history, latest_checkpoint,
                              load_checkpoint, log_eval, open_history, process_counters, read_state, save_checkpoint)
 
@@ -353,8 +354,11 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
     _run_callbacks(callbacks, accelerator, model, step)
     model.train()
     micro, seen_micro, seen_cells, stopped = step * cfg.grad_accum, 0, 0, False
-    bar = tqdm(total=total, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
-               desc="train", dynamic_ncols=True)
+    # the bar only where someone watches (a terminal; FM_PROGRESS=1/0 overrides): redirected, it would print one
+    # line per refresh; there train.progress gives one log line per train.log_every steps instead
+    show_bar = cfg.progress and accelerator.is_main_process and progress_enabled(None)
+    log_progress = cfg.progress and accelerator.is_main_process and not show_bar
+    bar = tqdm(total=total, initial=step, disable=not show_bar, desc="train", dynamic_ncols=True)
     t0, cells, tokens, parts_sum, n_parts = time.perf_counter(), 0, 0, {}, 0
     with StopSignal() as stop:
         while step < total and not stopped and not stopper.should_stop:
@@ -390,6 +394,8 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
                     row = _log_row(accelerator, step, epoch, parts_sum, n_parts, scheduler, cells, tokens, t0)
                     history.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if log_progress:
+                        log.info("train step %d/%d: loss %.4f", step, total, row["loss"])
                     append_history(out / "train_log.csv", row, accelerator.is_main_process)
                     parts_sum, n_parts = {}, 0
                 if cfg.eval_every and step % cfg.eval_every == 0:

@@ -178,3 +178,24 @@ def test_every_cli_option_has_help_text():
 
     walk(build_parser(), "fm")
     assert not missing, missing
+
+
+def test_cli_output_is_quiet_without_a_terminal(tmp_path, small_h5ad_path):
+    """Redirected (no TTY): no tqdm bar lines, one log line per train.log_every steps, no DeepSpeed CPU warning."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FM_PROGRESS", None)
+    env.pop("DS_ACCELERATOR", None)
+    overrides = tiny_overrides(tmp_path / "run", [small_h5ad_path], 6, **{"train.progress": True, "train.log_every": 3})
+    proc = subprocess.run([sys.executable, "-m", "fm.cli", "pretrain", "debug", *overrides], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert "Setting accelerator to CPU" not in output
+    assert not any(line.startswith("train:") or "\rtrain:" in line for line in output.splitlines()), "a tqdm bar"
+    assert [line.split("train step ")[1].split(":")[0] for line in output.splitlines() if "train step " in line] == \
+        ["1/6", "3/6", "6/6"]
