@@ -79,7 +79,9 @@ def random_init_twin(model_dir: str | Path, out_dir: str | Path, seed: int) -> P
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     for f in model_dir.iterdir():  # tokenizer files and the like; config, weights, code and card are rewritten
-        if f.is_file() and f.name not in ("config.json", "README.md") and not f.name.endswith(WEIGHT_SUFFIXES + (".py",)):
+        model_code = f.suffix == ".py" and f.name != "tokenization_scfm.py"  # the AutoTokenizer entry travels too
+        if f.is_file() and f.name not in ("config.json", "README.md") and not f.name.endswith(WEIGHT_SUFFIXES) \
+                and not model_code:
             shutil.copy2(f, out_dir / f.name)
     save_export(model, None, out_dir, source=f"random-init control (untrained weights, seed {int(seed)}) of "
                                              f"{model_dir.resolve()}: not a trained model")
