@@ -6,9 +6,12 @@ load the directory where scfm is not installed; `fm.load(dir)` keeps using the i
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from fm.remote_code import write_model_code
+
+log = logging.getLogger("fm")
 
 
 def _registered(config_class: type) -> dict[str, type]:
@@ -44,6 +47,15 @@ def auto_classes(model) -> dict[str, type]:
 def write_auto_code(model, directory: str | Path) -> dict[str, str]:
     """Write the model code into `directory` and set `model.config.auto_map` to it (before save_pretrained)."""
     classes = auto_classes(model)
+    foreign = {key: c for key, c in classes.items() if not c.__module__.startswith("fm.")}
+    if foreign:  # a plugin's head (a task registered from outside fm): its code is not ours to copy; the backbone is
+        log.info("%s: no remote code for %s (defined outside scfm): AutoModel with trust_remote_code loads the "
+                 "backbone; fm.load loads the whole model where its task is registered", directory,
+                 sorted({c.__qualname__ for c in foreign.values()}))
+        from fm.modeling_scfm import ScFMModel
+
+        classes = {key: c for key, c in classes.items() if key not in foreign}
+        classes.setdefault("AutoModel", ScFMModel)
     refs = write_model_code(list(dict.fromkeys(classes.values())), directory)
     model.config.auto_map = {key: refs[c.__name__] for key, c in classes.items()}
     return model.config.auto_map
