@@ -393,7 +393,13 @@ class ScFMForMaskedExpression(_BackboneDispatch, ScFMPreTrainedModel):
 
 def register_auto_classes() -> None:
     """Make AutoConfig / AutoModel / AutoModelForMaskedLM resolve model_type "scfm"
-    (idempotent: `exist_ok=True` so re-imports and reloads do not raise)."""
+    (idempotent: `exist_ok=True` so re-imports and reloads do not raise). An export's remote-code copy of this
+    file, loaded with trust_remote_code in a process where scfm is imported, leaves scfm's registration alone."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    current = getattr(CONFIG_MAPPING, "_extra_content", {}).get("scfm")
+    if current is not None and current.__module__.startswith("fm.") and not ScFMConfig.__module__.startswith("fm."):
+        return
     AutoConfig.register("scfm", ScFMConfig, exist_ok=True)
     AutoModel.register(ScFMConfig, ScFMModel, exist_ok=True)
     AutoModelForMaskedLM.register(ScFMConfig, ScFMForMaskedExpression, exist_ok=True)

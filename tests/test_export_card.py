@@ -217,3 +217,12 @@ def test_controls_and_save_export_write_cards(tiny_model_dir, tmp_path):
     model = fm.load(tiny_model_dir)
     out = save_export(model, model.cell_tokenizer, tmp_path / "conv", source="converted from scGPT checkpoint /x")
     assert "converted from scGPT checkpoint /x" in (out / "README.md").read_text()
+
+
+def test_remote_load_in_an_fm_process_keeps_fm_registered(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModel
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    AutoModel.from_pretrained(tiny_model_dir, trust_remote_code=True)  # transformers prefers the registered class
+    assert type(AutoConfig.from_pretrained(tiny_model_dir)) is fm.ScFMConfig
+    assert isinstance(fm.load(tiny_model_dir), fm.ScFMForMaskedExpression)
