@@ -1,0 +1,153 @@
+"""LoRA vs full fine-tuning (task.lora): trainable-parameter share, training-step time and peak memory, and
+annotation macro-F1 on pbmc3k — so the choice of fine-tuning mode rests on numbers, not folklore.
+
+Quality: exactly `fm eval eval/annotation.yaml`'s fm_finetune method (fm.eval.tasks.annotation: its seeded
+stratified 70/30 split, HVGs from the train split, recipes/finetune/annotation.yaml with the suite's
+caps.finetune budget, last weights, fm.annotate of the test cells, sklearn macro-F1), once as is and once
+with task.lora.r added. Nothing is selected on the test split.
+
+Cost: one training step (forward, backward, AdamW over the trainable parameters; batch of pbmc3k cells
+through the LabeledCellCollator) timed in a fresh subprocess per mode (median of --repeats after 2 warm-up
+steps), with the process's peak RSS before and after training (the increase = activations + gradients +
+optimizer state), for the checkpoint's size and for scGPT's size (d_model 512, 12 layers, random weights).
+
+    OMP_NUM_THREADS=1 python eval/perf/bench_lora.py --model runs/eval_debug/model --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PBMC = {"name": "pbmc3k", "file": "h5ad/pbmc3k_seurat_hvg2000_labeled.h5ad", "label_key": "cell_type",
+        "split": {"kind": "random", "test_size": 0.3}}
+SCGPT_SIZE = {"d_model": 512, "n_layers": 12, "n_heads": 8, "d_ff": 2048}
+
+
+def quality(model: str, seeds: list[int], steps: int, r: int, output: Path) -> list[dict]:
+    """Test macro-F1 / accuracy of fm_finetune (full) and the same with task.lora.r=r, per seed."""
+    from fm.eval.context import EvalContext
+    from fm.eval.tasks.annotation import _fm_finetune, prepare, score
+    from fm.paths import data_dir
+
+    rows = []
+    for seed in seeds:
+        p = None
+        for mode, extra in (("full", {}), (f"lora r={r}", {"task.lora.r": r})):
+            caps = {"n_hvg": 2000, "finetune": {"train.max_steps": steps, "train.eval_every": 0, **extra}}
+            ctx = EvalContext(output / mode.split()[0], "cpu", [Path(model)], data_dir(), caps, controls=False)
+            p = p or prepare(PBMC, seed, ctx)
+            t0 = time.perf_counter()
+            pred = _fm_finetune(p, ctx, Path(model))
+            s = score(p, pred)
+            rows.append({"mode": mode, "seed": seed, "macro_f1": s["macro_f1"], "accuracy": s["accuracy"],
+                         "runtime_s": time.perf_counter() - t0})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def step_cost(model: str, mode: str, size: str, r: int, batch_size: int, max_genes: int, repeats: int) -> dict:
+    """One mode's step time and peak RSS (run in its own process: ru_maxrss only grows)."""
+    import anndata as ad
+    import torch
+    from transformers import AutoConfig
+
+    from fm import lora
+    from fm.config import LoraSettings
+    from fm.data import LabeledCellCollator
+    from fm.data.collator import collator_settings
+    from fm.heads.annotation import ScFMForAnnotation
+    from fm.paths import data_dir
+    from fm.tokenizer import CellTokenizer
+    from fm.train import _param_groups
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model)
+    config.update({"num_labels": 9, "id2label": {i: str(i) for i in range(9)}, "label2id": {str(i): i for i in range(9)},
+                   "max_genes": max_genes, **(SCGPT_SIZE if size == "scgpt" else {})})
+    net = (ScFMForAnnotation(config) if size == "scgpt" else
+           ScFMForAnnotation.from_pretrained(model, config=config))
+    if mode != "full":
+        net = lora.apply_lora(net, LoraSettings(r=r))
+    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for n, p in net.named_parameters() if ".lora_" not in n and "modules_to_save" not in n)
+    adata = ad.read_h5ad(data_dir() / PBMC["file"])[: batch_size * 4].copy()
+    cells = CellTokenizer.from_pretrained(model).encode(adata)
+    collator = LabeledCellCollator(**{**collator_settings(net.config), "max_genes": max_genes})
+    batches = [collator([dict(cells[i], label=i % 9) for i in range(lo, lo + batch_size)])
+               for lo in range(0, batch_size * 4, batch_size)]
+    opt = torch.optim.AdamW(_param_groups(net, 0.01), lr=1e-3, fused=True)
+    net.train()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        loss = net(**batches[i % len(batches)]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": mode, "size": size, "batch_size": batch_size, "trainable": n_train, "params": n_all, "share": n_train / n_all,
+            "step_s": statistics.median(times[2:]), "rss_before_mb": rss0, "peak_rss_mb": rss1,
+            "train_rss_mb": rss1 - rss0}
+
+
+def summary(cost: list[dict], rows: list[dict]) -> str:
+    import numpy as np
+
+    lines = ["| size (batch) | mode | trainable params | share | step time (s) | peak RSS (MB) | RSS added by training (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    for c in cost:
+        lines.append(f"| {c['size']} ({c['batch_size']}) | {c['mode']} | {c['trainable']:,} of {c['params']:,} | {100 * c['share']:.2f} % "
+                     f"| {c['step_s']:.3f} | {c['peak_rss_mb']:.0f} | {c['train_rss_mb']:.0f} |")
+    if rows:
+        lines += ["", "| mode | test macro-F1 | test accuracy | fine-tune + annotate (s) | seeds |", "|---|---|---|---|---|"]
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            sel = [r for r in rows if r["mode"] == mode]
+            f1, acc, t = (np.array([r[k] for r in sel]) for k in ("macro_f1", "accuracy", "runtime_s"))
+            sd = (lambda x: x.std(ddof=1) if len(x) > 1 else 0.0)
+            lines.append(f"| {mode} | {f1.mean():.3f} ± {sd(f1):.3f} | {acc.mean():.3f} ± {sd(acc):.3f} | "
+                         f"{t.mean():.0f} | {len(sel)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="runs/eval_debug/model")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=300, help="fine-tuning budget (eval/annotation.yaml's cpu caps)")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--scgpt-batch-size", type=int, default=4, help="step-cost batch at scGPT's size (1 CPU core)")
+    ap.add_argument("--max-genes", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--sizes", nargs="*", default=["checkpoint", "scgpt"])
+    ap.add_argument("--output", default="runs/bench_lora")
+    ap.add_argument("--step-cost", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)  # the subprocess
+    args = ap.parse_args()
+    if args.step_cost:
+        print(json.dumps(step_cost(args.model, *args.step_cost, args.r, args.batch_size, args.max_genes,
+                                   args.repeats)))
+        return
+    cost = []
+    for size in args.sizes:
+        for mode in ("full", f"lora r={args.r}"):
+            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--r", str(args.r),
+                                  "--batch-size", str(args.scgpt_batch_size if size == "scgpt" else args.batch_size),
+                                  "--max-genes", str(args.max_genes),
+                                  "--repeats", str(args.repeats), "--step-cost", mode.split()[0], size],
+                                 check=True, capture_output=True, text=True).stdout
+            cost.append({**json.loads(out.strip().splitlines()[-1]), "mode": mode})
+            print(json.dumps(cost[-1]), flush=True)
+    rows = quality(args.model, args.seeds, args.steps, args.r, Path(args.output)) if args.seeds else []
+    print(summary(cost, rows))
+
+
+if __name__ == "__main__":
+    main()
