@@ -38,9 +38,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> PreTrain
     Only safetensors weights (and, for imports, PyTorch files read with weights_only=True) are read.
     """
     path = Path(path)
-    from fm.convert import detect_format, load_foreign
-
     from fm import lora
+    from fm.convert import detect_format, load_foreign
 
     if lora.is_adapter_dir(path):  # an unmerged LoRA fine-tune (task.lora_merge=false): base + adapter, merged
         model = lora.load_adapter(path)

@@ -9,7 +9,6 @@ import re
 import shutil
 import sys
 
-import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -79,6 +78,7 @@ def test_default_targets_backbone_only_and_trainable_set(tiny_model_dir):
 
 def test_bert_backbone_default_targets():
     from conftest import fixture_path
+
     from fm.convert import load_foreign
 
     backbone, _, _ = load_foreign(fixture_path("geneformer_tiny"), "geneformer")

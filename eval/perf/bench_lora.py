@@ -7,7 +7,7 @@ caps.finetune budget, last weights, fm.annotate of the test cells, sklearn macro
 with task.lora.r added. Nothing is selected on the test split.
 
 Cost: one training step (forward, backward, AdamW over the trainable parameters; batch of pbmc3k cells
-through the LabeledCellCollator) timed in a fresh subprocess per mode (median of --repeats after 2 warm-up
+through the LabeledCellCollator) timed in a fresh subprocess per mode (median of --repeats after 3 warm-up
 steps), with the process's peak RSS before and after training (the increase = activations + gradients +
 optimizer state), for the checkpoint's size and for scGPT's size (d_model 512, 12 layers, random weights).
 
@@ -26,6 +26,8 @@ from pathlib import Path
 
 PBMC = {"name": "pbmc3k", "file": "h5ad/pbmc3k_seurat_hvg2000_labeled.h5ad", "label_key": "cell_type",
         "split": {"kind": "random", "test_size": 0.3}}
+WARMUP = 3
+"""Untimed first steps (oneDNN and allocator warm-up make the first two several times slower)."""
 SCGPT_SIZE = {"d_model": 512, "n_layers": 12, "n_heads": 8, "d_ff": 2048}
 
 
@@ -45,8 +47,12 @@ def quality(model: str, seeds: list[int], steps: int, r: int, output: Path) -> l
             t0 = time.perf_counter()
             pred = _fm_finetune(p, ctx, Path(model))
             s = score(p, pred)
+            log = (ctx.output_dir / "finetune" / f"annotation_{PBMC['name']}_seed{seed}_{ctx.model_label(Path(model))}"
+                   / "train_log.csv").read_text().strip().splitlines()
+            last = dict(zip(log[0].split(","), log[-1].split(",")))  # the loop's own clock: elapsed / steps
             rows.append({"mode": mode, "seed": seed, "macro_f1": s["macro_f1"], "accuracy": s["accuracy"],
-                         "runtime_s": time.perf_counter() - t0})
+                         "runtime_s": time.perf_counter() - t0,
+                         "loop_step_s": float(last["elapsed_s"]) / int(last["step"])})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -66,6 +72,7 @@ def step_cost(model: str, mode: str, size: str, r: int, batch_size: int, max_gen
     from fm.tokenizer import CellTokenizer
     from fm.train import _param_groups
 
+    torch.set_num_threads(1)  # as fm eval (caps.threads): two threads on busy shared cores are several times slower
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(model)
     config.update({"num_labels": 9, "id2label": {i: str(i) for i in range(9)}, "label2id": {str(i): i for i in range(9)},
@@ -85,7 +92,7 @@ def step_cost(model: str, mode: str, size: str, r: int, batch_size: int, max_gen
     net.train()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = []
-    for i in range(repeats + 2):
+    for i in range(repeats + WARMUP):
         t0 = time.perf_counter()
         loss = net(**batches[i % len(batches)]).loss
         loss.backward()
@@ -94,26 +101,28 @@ def step_cost(model: str, mode: str, size: str, r: int, batch_size: int, max_gen
         times.append(time.perf_counter() - t0)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "size": size, "batch_size": batch_size, "trainable": n_train, "params": n_all, "share": n_train / n_all,
-            "step_s": statistics.median(times[2:]), "rss_before_mb": rss0, "peak_rss_mb": rss1,
+            "step_s": statistics.median(times[WARMUP:]), "rss_before_mb": rss0, "peak_rss_mb": rss1,
             "train_rss_mb": rss1 - rss0}
 
 
 def summary(cost: list[dict], rows: list[dict]) -> str:
     import numpy as np
 
-    lines = ["| size (batch) | mode | trainable params | share | step time (s) | peak RSS (MB) | RSS added by training (MB) |",
-             "|---|---|---|---|---|---|---|"]
-    for c in cost:
-        lines.append(f"| {c['size']} ({c['batch_size']}) | {c['mode']} | {c['trainable']:,} of {c['params']:,} | {100 * c['share']:.2f} % "
-                     f"| {c['step_s']:.3f} | {c['peak_rss_mb']:.0f} | {c['train_rss_mb']:.0f} |")
+    lines = [("| size (batch) | mode | trainable params | share | grads + AdamW state (MB) | step time (s) | peak RSS (MB) "
+             "| RSS added by training (MB) |"), "|---|---|---|---|---|---|---|---|"]
+    for c in cost:  # fp32: a gradient and AdamW's two moments per trainable parameter = 12 bytes
+        lines.append(f"| {c['size']} ({c['batch_size']}) | {c['mode']} | {c['trainable']:,} of {c['params']:,} | "
+                     f"{100 * c['share']:.2f} % | {12 * c['trainable'] / 2**20:.1f} | {c['step_s']:.3f} | "
+                     f"{c['peak_rss_mb']:.0f} | {c['train_rss_mb']:.0f} |")
     if rows:
-        lines += ["", "| mode | test macro-F1 | test accuracy | fine-tune + annotate (s) | seeds |", "|---|---|---|---|---|"]
+        lines += ["", "| mode | test macro-F1 | test accuracy | training loop s/step | fine-tune + annotate (s) | seeds |",
+                  "|---|---|---|---|---|---|"]
         for mode in dict.fromkeys(r["mode"] for r in rows):
             sel = [r for r in rows if r["mode"] == mode]
-            f1, acc, t = (np.array([r[k] for r in sel]) for k in ("macro_f1", "accuracy", "runtime_s"))
+            f1, acc, step, t = (np.array([r[k] for r in sel]) for k in ("macro_f1", "accuracy", "loop_step_s", "runtime_s"))
             sd = (lambda x: x.std(ddof=1) if len(x) > 1 else 0.0)
             lines.append(f"| {mode} | {f1.mean():.3f} ± {sd(f1):.3f} | {acc.mean():.3f} ± {sd(acc):.3f} | "
-                         f"{t.mean():.0f} | {len(sel)} |")
+                         f"{step.mean():.3f} ± {sd(step):.3f} | {t.mean():.0f} | {len(sel)} |")
     return "\n".join(lines)
 
 

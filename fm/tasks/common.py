@@ -189,6 +189,10 @@ def train_task(model, tokenizer: CellTokenizer, train_cells, val_cells, collator
                  0 if val_cells is None else len(val_cells))
     export = export_pretrained(tokenizer)
     if lora.enabled(cfg.task.lora):  # merged into an ordinary model, or the adapter on model.init_from
+        ds = accelerator.state.deepspeed_plugin
+        if ds is not None and ds.zero_stage == 3:  # the export copies the whole PeftModel on the main process
+            raise ValueError("task.lora under DeepSpeed ZeRO-3 is not supported (its export needs the whole "
+                             "model on one process); use ZeRO-2 or DDP — the frozen backbone needs no sharding")
         export = lora.lora_export(export, tokenizer, cfg.model.init_from, merge=cfg.task.lora_merge)
     return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells, export=export,
                  resume=resume, accelerator=accelerator, num_workers=cfg.data.num_workers,
