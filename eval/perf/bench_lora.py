@@ -31,8 +31,14 @@ WARMUP = 3
 SCGPT_SIZE = {"d_model": 512, "n_layers": 12, "n_heads": 8, "d_ff": 2048}
 
 
-def quality(model: str, seeds: list[int], steps: int, r: int, output: Path) -> list[dict]:
-    """Test macro-F1 / accuracy of fm_finetune (full) and the same with task.lora.r=r, per seed."""
+def quality(model: str, seeds: list[int], steps: int, r: int, output: Path, arms=("full", "lora"),
+            lora_lr: float | None = None) -> list[dict]:
+    """Test macro-F1 / accuracy of fm_finetune (full) and the same with task.lora.r=r (and train.lr=lora_lr:
+    an lr chosen on validation cells, eval/sweeps/annotation_lr.py), per seed."""
+    lora_mode = (f"lora r={r}", {"task.lora.r": r})
+    if lora_lr is not None:
+        lora_mode = (f"lora r={r} lr={lora_lr:g}", {"task.lora.r": r, "train.lr": lora_lr})
+    modes = [m for m in (("full", {}), lora_mode) if m[0].split()[0] in arms]
     from fm.eval.context import EvalContext
     from fm.eval.tasks.annotation import _fm_finetune, prepare, score
     from fm.paths import data_dir
@@ -40,9 +46,9 @@ def quality(model: str, seeds: list[int], steps: int, r: int, output: Path) -> l
     rows = []
     for seed in seeds:
         p = None
-        for mode, extra in (("full", {}), (f"lora r={r}", {"task.lora.r": r})):
+        for mode, extra in modes:
             caps = {"n_hvg": 2000, "finetune": {"train.max_steps": steps, "train.eval_every": 0, **extra}}
-            ctx = EvalContext(output / mode.split()[0], "cpu", [Path(model)], data_dir(), caps, controls=False)
+            ctx = EvalContext(output / mode.replace(" ", "_").replace("=", ""), "cpu", [Path(model)], data_dir(), caps, controls=False)
             p = p or prepare(PBMC, seed, ctx)
             t0 = time.perf_counter()
             pred = _fm_finetune(p, ctx, Path(model))
@@ -138,6 +144,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--sizes", nargs="*", default=["checkpoint", "scgpt"])
     ap.add_argument("--output", default="runs/bench_lora")
+    ap.add_argument("--arms", nargs="*", default=["full", "lora"], help="quality arms to run")
+    ap.add_argument("--lora-lr", type=float, help="train.lr of the LoRA arm (default: the recipe's, as full)")
     ap.add_argument("--step-cost", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)  # the subprocess
     args = ap.parse_args()
     if args.step_cost:
@@ -154,7 +162,8 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout
             cost.append({**json.loads(out.strip().splitlines()[-1]), "mode": mode})
             print(json.dumps(cost[-1]), flush=True)
-    rows = quality(args.model, args.seeds, args.steps, args.r, Path(args.output)) if args.seeds else []
+    rows = (quality(args.model, args.seeds, args.steps, args.r, Path(args.output), args.arms, args.lora_lr)
+            if args.seeds else [])
     print(summary(cost, rows))
 
 
