@@ -31,14 +31,21 @@ def architecture_class(name: str) -> type | None:
 
 def load(path: str | Path, device: str | torch.device | None = None) -> PreTrainedModel:
     """Load an exported checkpoint directory (config.json, model.safetensors, tokenizer files), or a scGPT /
-    Geneformer checkpoint as it was released (converted in memory: fm.convert).
+    Geneformer checkpoint as it was released (converted in memory: fm.convert), or an unmerged LoRA fine-tune
+    (adapter_config.json; rebuilt on its recorded base model and merged: fm.lora.load_adapter).
 
     Returns the model in eval mode with its CellTokenizer attached as `model.cell_tokenizer`.
     Only safetensors weights (and, for imports, PyTorch files read with weights_only=True) are read.
     """
     path = Path(path)
+    from fm import lora
     from fm.convert import detect_format, load_foreign
 
+    if lora.is_adapter_dir(path):  # an unmerged LoRA fine-tune (task.lora_merge=false): base + adapter, merged
+        model = lora.load_adapter(path)
+        model.cell_tokenizer = CellTokenizer.from_pretrained(path)
+        model.eval()
+        return model.to(device) if device is not None else model
     fmt = detect_format(path) if path.is_dir() else None
     if fmt is not None:
         model, tokenizer, _ = load_foreign(path, fmt)

@@ -236,6 +236,29 @@ class TrainConfig:
 
 
 @dataclass
+class LoraSettings:
+    """task.lora: LoRA adapters on the backbone (fm/lora.py, needs `pip install 'scfm[lora]'`). Setting r alone
+    (`task.lora.r=8`) turns it on with PEFT's usual alpha/dropout; the backbone is then frozen but for the
+    adapters, and the task head trains in full."""
+
+    r: int | None = 0
+    """Adapter rank; 0 or null = off (full fine-tuning)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (update scaled by alpha / r)."""
+    dropout: float = 0.1
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=list)
+    """Backbone module-name suffixes to adapt (e.g. [qkv, out]); always resolved inside the backbone, so a head
+    layer of the same name is never wrapped. Empty = attention and MLP projections (fm.lora.DEFAULT_TARGETS)."""
+
+    def __post_init__(self):
+        if self.r is not None and self.r < 0:
+            raise ValueError(f"task.lora.r must be >= 0 (0 = off), got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"task.lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
 class TaskConfig:
     """Fine-tuning task (`fm finetune`): the fields every task shares. Each task extends it with its own
     fields (`<Task>Config` in fm/tasks/<task>.py, named by its fm.tasks.registry entry); the `task`
@@ -252,6 +275,11 @@ class TaskConfig:
     checkpoints, model.gene_table=full): its dense AdamW update makes a step 0.26 s instead of 0.16."""
     freeze_backbone: bool = False
     """Train the head only (a probe of the pretrained representation)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA instead of full fine-tuning (off unless task.lora.r > 0)."""
+    lora_merge: bool = True
+    """With LoRA: export the adapters merged into an ordinary model (true), or the adapter alone with a
+    reference to model.init_from (false; fm.load rebuilds base + adapter)."""
 
 
 def task_config_class(name: str) -> type[TaskConfig]:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from fm import lora
 from fm.config import RunConfig
 from fm.tokenizer import CellTokenizer, EncodedCells, split_cells, subset_cells
 from fm.train import TrainResult, check_output_dir, make_accelerator, train
@@ -126,13 +127,19 @@ def load_head(cls, cfg: RunConfig, new_backbone_keys: tuple[str, ...] = (), **co
     `config_fields` go into the model config (and so into the exported config.json: a fine-tuned
     directory is self-describing). Fails when backbone weights are missing (not an scfm checkpoint),
     except those starting with one of `new_backbone_keys` (e.g. a condition table the task adds);
-    applies task.freeze_gene_embedding / task.freeze_backbone.
+    applies task.freeze_gene_embedding / task.freeze_backbone, or with task.lora returns a PeftModel
+    (fm/lora.py: the backbone frozen but for its adapters and `new_backbone_keys`).
     """
     import torch
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     require_init(cfg)
+    if lora.enabled(cfg.task.lora):
+        if cfg.task.freeze_backbone:
+            raise ValueError("task.freeze_backbone trains the head only and task.lora trains adapters + head: "
+                             "set one of them")
+        lora.require_peft()  # before the (slow) load
     torch.manual_seed(cfg.train.seed)  # same seed, same head init
     config = AutoConfig.from_pretrained(cfg.model.init_from)
     config.update({"max_genes": cfg.data.max_genes, **config_fields})  # new keys too (from_pretrained kwargs may not)
@@ -148,6 +155,8 @@ def load_head(cls, cfg: RunConfig, new_backbone_keys: tuple[str, ...] = (), **co
         raise ValueError(f"{cfg.model.init_from}: not an scfm checkpoint with a full backbone; missing "
                          f"{backbone_missing[:5]}")
     log.info("initialised %s from %s; new head tensors: %d", cls.__name__, cfg.model.init_from, len(info["missing_keys"]))
+    if lora.enabled(cfg.task.lora):  # adapters + head (+ the new backbone tables) train, the rest is frozen
+        return lora.apply_lora(model, cfg.task.lora, extra_trainable=tuple(new_backbone_keys))
     freeze(model, cfg)
     return model
 
@@ -166,7 +175,8 @@ def freeze(model, cfg: RunConfig) -> None:
 
 def train_task(model, tokenizer: CellTokenizer, train_cells, val_cells, collator, cfg: RunConfig,
                resume: bool = False, accelerator=None) -> TrainResult:
-    """Write config.yaml, run the one training loop, export model + tokenizer to output_dir/model."""
+    """Write config.yaml, run the one training loop, export model + tokenizer to output_dir/model (a LoRA
+    PeftModel merged first, or saved as an adapter: task.lora_merge)."""
     from fm.pretrain import export_pretrained
 
     accelerator = accelerator or make_accelerator(cfg.train)
@@ -177,7 +187,14 @@ def train_task(model, tokenizer: CellTokenizer, train_cells, val_cells, collator
         cfg.save(out / "config.yaml")
         log.info("%s: %d training cells, %d held out", cfg.task.name, len(train_cells),
                  0 if val_cells is None else len(val_cells))
-    return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells, export=export_pretrained(tokenizer),
+    export = export_pretrained(tokenizer)
+    if lora.enabled(cfg.task.lora):  # merged into an ordinary model, or the adapter on model.init_from
+        ds = accelerator.state.deepspeed_plugin
+        if ds is not None and ds.zero_stage == 3:  # the export copies the whole PeftModel on the main process
+            raise ValueError("task.lora under DeepSpeed ZeRO-3 is not supported (its export needs the whole "
+                             "model on one process); use ZeRO-2 or DDP — the frozen backbone needs no sharding")
+        export = lora.lora_export(export, tokenizer, cfg.model.init_from, merge=cfg.task.lora_merge)
+    return train(model, train_cells, collator, cfg.train, eval_dataset=val_cells, export=export,
                  resume=resume, accelerator=accelerator, num_workers=cfg.data.num_workers,
                  length_grouping=cfg.data.length_grouping)
 
