@@ -3,7 +3,6 @@
 merged and adapter exports that fm.load reads back with the same predictions, resume, clear errors."""
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import shutil
@@ -185,8 +184,6 @@ def test_cli_and_resume(tiny_model_dir, small_h5ad_path, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
-@pytest.mark.skipif("input_ids" not in inspect.signature(ScFMForAnnotation.forward).parameters,
-                    reason="PEFT SEQ_CLS calls forward(input_ids=…): needs the input_ids alias of gene_ids")
 def test_peft_seq_cls_documented_path(tiny_model_dir, pbmc_small):
     """The fm/lora.py docstring's recipe for users of PEFT directly, with task_type='SEQ_CLS'."""
     from peft import LoraConfig, get_peft_model
