@@ -81,7 +81,7 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None) 
               f"timed: delete {out} to retrain from scratch)")
     if history:
         first, last = history[0], history[-1]
-        timing = "continued" if reused is not None else f"in {train_s:.0f}s"
+        timing = "(the earlier run's log)" if reused is not None else f"in {train_s:.0f}s"
         print(f"pretraining      {result.step} steps {timing}; loss {first['loss']:.4f} (step "
               f"{int(first['step'])}) → {last['loss']:.4f} (step {int(last['step'])}), ratio "
               f"{last['loss'] / first['loss']:.2f}")
