@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import os
 import resource
 import statistics
 import sys

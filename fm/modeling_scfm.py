@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .attention_scfm import ScFMAttention, ScFMBlock, ScFMMLP
+from .attention_scfm import ScFMBlock
 from .configuration_scfm import ScFMConfig
 from .embeddings_scfm import ScFMContinuousValueEncoder, ScFMEmbeddings, build_gene_index
 from .objectives import (ScFMExpressionHead, ScFMMVCHead, ScFMWholeCellHead, masked_mse, prepare_masks,

@@ -4,7 +4,6 @@ torch.export / torch.compile) assumes of a PreTrainedModel is checked here, so a
 failing contract rather than in a user's script."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

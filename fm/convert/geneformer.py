@@ -16,7 +16,6 @@ layer), mean over genes for V1, the <cls> token for V2.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import pickle
 from pathlib import Path

@@ -23,7 +23,6 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fm.configuration_scfm import SCGPT_ARCHITECTURE, ScFMConfig
