@@ -239,3 +239,12 @@ def test_spike_ins_are_dropped_unless_kept(tmp_path, pbmc_small):
     loaded = ctx.load_dataset(entry)
     assert loaded.n_vars == pbmc_small.n_vars - 3 and not any(loaded.var_names.str.startswith("ERCC-"))
     assert ctx.load_dataset({**entry, "keep_spike_ins": True}).n_vars == pbmc_small.n_vars
+
+
+def test_recorded_command_names_the_subset(tmp_path, pbmc_small):
+    pbmc_small.write_h5ad(tmp_path / "counts.h5ad")
+    suite = _suite(tmp_path, "annotation", {"name": "small", "file": str(tmp_path / "counts.h5ad"),
+                                            "label_key": "cell_type"}, ["majority", "logreg"])
+    run_suite(suite, "ci", [], tmp_path / "out", methods=["majority"], datasets=["small"], seeds=[1])
+    command = json.loads((tmp_path / "out" / "meta.json").read_text())["command"]
+    assert "--methods majority" in command and "--datasets small" in command and "--seeds 1" in command

@@ -190,6 +190,7 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
     suite = load_suite(suite_path)
     module = suite["_module"]
     plan = resolve_profile(suite, profile, seeds, methods, datasets)
+    methods_given = methods
     models = [Path(m) for m in models]
     for m in models:
         if not (m / "config.json").is_file():
@@ -230,7 +231,7 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
 
         write_report(df, output_dir, suite=suite, profile=profile, seeds=plan["seeds"], models=models,
                      caps=plan["caps"], runtime_s=time.perf_counter() - t0, fm_controls=controls and bool(models),
-                     failures=failures)
+                     failures=failures, subset={"methods": methods_given, "datasets": datasets, "seeds": seeds})
     if failures:
         raise EvalFailed(f"{suite['task']}: {len(failures)} dataset run(s) failed: "
                          + "; ".join(f"{f['dataset']} seed {f['seed']}: {f['error']}" for f in failures)

@@ -218,10 +218,13 @@ def plot_umaps(df, output_dir: Path, main: str, higher: bool, controls=()) -> li
 
 
 def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, seeds, models, caps,
-                 runtime_s: float, fm_controls: bool = False, failures: list[dict] | None = None) -> None:
+                 runtime_s: float, fm_controls: bool = False, failures: list[dict] | None = None,
+                 subset: dict | None = None) -> None:
     """results.csv, deltas.csv (Δ of FM rows, fm.eval.deltas), results.md, plots and meta.json.
     `fm_controls`: the run carried random-init twin rows (recorded in the command and meta.json); `failures`:
-    dataset runs that failed ({dataset, seed, error}), listed at the top of results.md and in meta.json."""
+    dataset runs that failed ({dataset, seed, error}), listed at the top of results.md and in meta.json; `subset`:
+    the command's --methods / --datasets / --seeds when it picked part of the suite (so the recorded command
+    reproduces the run)."""
     failures = list(failures or [])
     module = suite["_module"]
     main, higher, controls = module.MAIN_METRIC, module.HIGHER_IS_BETTER, list(module.CONTROLS)
@@ -245,6 +248,7 @@ def write_report(df: pd.DataFrame, output_dir: Path, suite: dict, profile: str, 
             plots += [p.name for p in plot_umaps(df, output_dir, main, higher, controls)]
     command = " ".join(["fm eval", suite["_path"], "--profile", profile,
                         *[f"--model {m}" for m in models], *(["--no-controls"] if models and not fm_controls else []),
+                        *[f"--{k} {' '.join(map(str, v))}" for k, v in (subset or {}).items() if v],
                         "--output", str(output_dir)])
     md = [f"## {suite['task']} (profile `{profile}`, seeds {list(seeds)})", "",
           f"Main metric **{main}** ({'higher' if higher else 'lower'} is better); controls: {', '.join(controls)}. "
