@@ -36,8 +36,8 @@ import numpy as np
 from numba import njit, prange
 
 from fm._bin_kernels import _SMALL, _bin_of, _cell_edges, bin_csr_f32  # noqa: F401 (bin_csr_f32: fm.binning)
-from fm._select_kernels import (_hash53, _hash_genes, _hash_positions, _mask_row, _smallest,  # noqa: F401 (tests)
-                                _splitmix)
+from fm._select_kernels import (_hash53, _hash_genes, _hash_positions, _mask_row, _most_expressed,  # noqa: F401
+                                _smallest, _splitmix)
 
 ENABLED: bool | None = None
 """None: use the kernels unless FM_COLLATOR=numpy is set; True / False force the choice (tests, benchmarks)."""
@@ -139,19 +139,8 @@ def fill_batch(indptr, genes, counts, count_bits, encoded, cell_index, kept_expr
             for p in range(n):
                 keys[p] = _hash53(sample_base, cell, p)
             _smallest(keys, n, ke, sel, count, perm, sk)
-        else:
-            for p in range(n):
-                v = counts[lo + p]
-                g = genes[lo + p]
-                if not (v >= 0) or g < 0 or g >= 1 << 32:
-                    return 1
-                bits = np.uint64(count_bits[lo + p])
-                if v == 0:  # -0.0 orders as 0.0
-                    bits = np.uint64(0)
-                keys[p] = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | np.uint64(g)
-            order = np.argsort(keys[:n], kind="mergesort")
-            for c in range(ke):
-                sel[c] = order[c]
+        elif _most_expressed(counts, genes, count_bits, lo, n, keys, sel, ke):
+            return 1
         for c in range(ke):
             j = lo + sel[c]
             gene_ids[i, c] = genes[j]
@@ -273,18 +262,8 @@ def _binned_cell(i, lo, hi, ke, nz, zoff, cell, genes, counts, count_bits, q, ze
         _hash_positions(hs, n, keys)
         _smallest(keys, n, ke, sel, count, perm, sk)
     elif not train:
-        for p in range(n):
-            v = counts[lo + p]
-            g = genes[lo + p]
-            if not (v >= 0) or g < 0 or g >= 1 << 32:
-                return 1
-            bits = np.uint64(count_bits[lo + p])
-            if v == 0:  # -0.0 orders as 0.0
-                bits = np.uint64(0)
-            keys[p] = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | np.uint64(g)
-        order = np.argsort(keys[:n], kind="mergesort")
-        for c in range(ke):
-            sel[c] = order[c]
+        if _most_expressed(counts, genes, count_bits, lo, n, keys, sel, ke):
+            return 1
     else:
         for c in range(ke):
             sel[c] = c

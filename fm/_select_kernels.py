@@ -86,6 +86,26 @@ def _smallest(keys, n, k, out, count, perm, sk):
 
 
 @njit(cache=True, nogil=True)
+def _most_expressed(counts, genes, count_bits, lo, n, keys, sel, k):
+    """sel[:k] = positions (in counts[lo:lo+n]) of a cell's k most expressed genes, ties by gene id ascending, as
+    inference chooses them (count bits descending, -0.0 as 0.0; a stable sort of one uint64 key per gene).
+    Returns 1 on a negative/NaN count or a gene id outside [0, 2^32) (the caller falls back), else 0."""
+    for p in range(n):
+        v = counts[lo + p]
+        g = genes[lo + p]
+        if not (v >= 0) or g < 0 or g >= 1 << 32:
+            return 1
+        bits = np.uint64(count_bits[lo + p])
+        if v == 0:  # -0.0 orders as 0.0
+            bits = np.uint64(0)
+        keys[p] = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | np.uint64(g)
+    order = np.argsort(keys[:n], kind="mergesort")
+    for c in range(k):
+        sel[c] = order[c]
+    return 0
+
+
+@njit(cache=True, nogil=True)
 def _hash_positions(h, n, out):
     """out[p] = _hash53 of (cell, p) for p < n, h = splitmix(base ^ cell) (a loop of its own: it vectorises)."""
     for p in range(n):

@@ -23,9 +23,8 @@ from fm.remote_code import THIRD_PARTY, module_closure, third_party_imports
 from fm.tokenizer import CellTokenizer
 from fm.vocab import CONFIG_FILE, LEGACY_CONFIG_FILE
 
-CHILD = textwrap.dedent("""
-    import importlib.abc, json, sys
-    import numpy as np, torch
+BLOCK_FM = textwrap.dedent("""
+    import importlib.abc, sys
 
     class Block(importlib.abc.MetaPathFinder):  # scfm must not be importable at all
         def find_spec(self, name, path=None, target=None):
@@ -33,6 +32,12 @@ CHILD = textwrap.dedent("""
                 raise ImportError(f"blocked: {name}")
 
     sys.meta_path.insert(0, Block())
+""")
+"""Child-process prelude: scfm must not be importable at all."""
+
+CHILD = BLOCK_FM + textwrap.dedent("""
+    import json
+    import numpy as np, torch
     import transformers
     d, auto, out = sys.argv[1], sys.argv[2], sys.argv[3]
     model = getattr(transformers, auto).from_pretrained(d, trust_remote_code=True).eval()
@@ -55,14 +60,20 @@ def _batch(model, adata):
     return {k: v for k, v in batch.items() if k in ("gene_ids", "values", "attention_mask", "condition_ids")}
 
 
+def _fresh_env(tmp_path) -> dict:
+    """A child's environment: no PYTHONPATH (fm not on the path), its own transformers remote-code cache."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    return env
+
+
 def _remote(tmp_path, export, auto, batch):
     """Load `export` with `auto`.from_pretrained(trust_remote_code=True) in a fresh interpreter (-I: no
     PYTHONPATH, cwd elsewhere, fm blocked) and return (its output, its report)."""
     work = tmp_path / "remote"
     shutil.copytree(export, work / "model")
     np.savez(work / "inputs.npz", **{k: v.numpy() for k, v in batch.items()})
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    env = _fresh_env(tmp_path)
     proc = subprocess.run([sys.executable, "-I", "-c", CHILD, str(work / "model"), auto, str(work / "out.npy")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -148,15 +159,7 @@ def test_remote_annotation_head_matches_fm(annotated, pbmc_small, tmp_path):
         np.testing.assert_allclose(got, model(**batch).logits.numpy(), rtol=1e-5, atol=1e-6)
 
 
-TOKENIZER_CHILD = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class Block(importlib.abc.MetaPathFinder):  # scfm must not be importable at all
-        def find_spec(self, name, path=None, target=None):
-            if name == "fm" or name.startswith("fm."):
-                raise ImportError(f"blocked: {name}")
-
-    sys.meta_path.insert(0, Block())
+TOKENIZER_CHILD = BLOCK_FM + textwrap.dedent("""
     from transformers import AutoTokenizer
     try:
         AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "1")
@@ -177,8 +180,7 @@ def test_auto_tokenizer_gives_the_cell_tokenizer(tiny_model_dir, tmp_path):
     assert isinstance(tok, CellTokenizer) and tok.vocab.sha256 == fm.load(tiny_model_dir).cell_tokenizer.vocab.sha256
     work = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, work)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    env = _fresh_env(tmp_path)
     said = {}
     for trust in ("1", "0"):
         proc = subprocess.run([sys.executable, "-I", "-c", TOKENIZER_CHILD, str(work), trust], cwd=tmp_path, env=env,
