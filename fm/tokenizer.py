@@ -259,7 +259,8 @@ class CellTokenizer:
         inside = int(np.isin(ids, trained).sum())
         if inside >= self.min_matched_fraction * min(ids.size, trained.size):
             return
-        species, counts = np.unique(self.vocab.species_of(trained), return_counts=True)
+        known = trained[trained < len(self.vocab)]  # an imported model's own genes past the vocabulary have no species
+        species, counts = np.unique(self.vocab.species_of(known), return_counts=True)
         model_species = ", ".join(f"{n} {sp}" for sp, n in sorted(zip(species, counts), key=lambda t: -t[1]) if sp)
         raise ValueError(
             f"{match.source or 'input'}: only {inside} of its {ids.size} vocabulary genes ({match.species}) are genes "
@@ -274,9 +275,8 @@ class CellTokenizer:
     def _restrict_to_table(self, match: GeneMatch, names: pd.Index) -> GeneMatch:
         """Drop (and report once, with examples) the genes the model has no embedding row for.
 
-        Too few left is the min_matched_fraction error, when the kept genes are below that fraction both of
-        the file's vocabulary genes and of the model's genes: a whole-transcriptome file read by a model
-        pretrained on a 2000-gene panel keeps few of its own genes, but nearly all of the model's, and is fine.
+        Too few left was already refused by _check_trained_genes (the table is the trained set), unless
+        allow_untrained_genes: then the run goes on with the genes the table has.
         """
         ids = match.vocab_ids.copy()
         outside = (ids >= 0) & ~np.isin(ids, self.gene_table)
@@ -289,12 +289,6 @@ class CellTokenizer:
         log.warning("%s: %d of its %d vocabulary genes are not in this model's gene table (the %d genes of its "
                     "pretraining data), e.g. %s; they are dropped — the model never learned them",
                     source, kept.n_outside_table, n_vocab, n_model, names[outside][:5].tolist())
-        if kept.n_matched < self.min_matched_fraction * min(n_vocab, n_model) and not self.allow_untrained_genes:
-            raise ValueError(
-                f"{kept.summary()} — below the minimum {self.min_matched_fraction:.0%} both of its vocabulary genes "
-                f"and of the model's {n_model} genes. Dropped examples: {names[outside][:5].tolist()}. Use a model "
-                "pretrained on data that measures these genes (pretraining keeps every corpus gene; "
-                "model.gene_table=full keeps the whole vocabulary), or lower min_matched_fraction if this is expected.")
         return kept
 
     def for_config(self, config) -> "CellTokenizer":
