@@ -67,13 +67,18 @@ def save_export(model, tokenizer, directory: str | Path, state_dict=None, source
     (a converted checkpoint, a random-init control), `run_dir` where the run's config.yaml / eval results are."""
     from fm.model_card import write_model_card
 
+    from fm.paths import remove_stale_temp_files, respect_umask
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if stale := remove_stale_temp_files(directory):  # safetensors' temp file of an interrupted earlier export
+        log.info("removed %d temporary file(s) an interrupted export left in %s", len(stale), directory)
     write_auto_code(model, directory)
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     write_model_card(directory, model, source=source, run_dir=run_dir)
+    respect_umask(directory)  # safetensors writes 0600 through a temp file
     return directory
 
 

@@ -157,8 +157,12 @@ def lora_export(export, tokenizer, base: str | Path, merge: bool = True):
 def save_adapter(model, state_dict, directory: Path, tokenizer, base: str | Path) -> None:
     """adapter_config.json + adapter_model.safetensors (adapters + head), config.json of the fine-tuned model,
     tokenizer files, and BASE_FILE pointing at the (absolute) base model with its config hash."""
+    from fm.paths import remove_stale_temp_files, respect_umask
+
     directory = Path(directory)
     base = Path(base).resolve()
+    if directory.is_dir():
+        remove_stale_temp_files(directory)
     model = copy.deepcopy(model)
     if state_dict is not None:
         model.load_state_dict(state_dict)
@@ -171,6 +175,7 @@ def save_adapter(model, state_dict, directory: Path, tokenizer, base: str | Path
     tokenizer.save_pretrained(directory)
     (directory / BASE_FILE).write_text(json.dumps({"base_model": str(base),
                                                    "base_config_sha256": config_sha256(base)}, indent=1))
+    respect_umask(directory)  # safetensors writes 0600 through a temp file
     log.info("saved the LoRA adapter (not merged) to %s; base model %s", directory, base)
 
 

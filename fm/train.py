@@ -39,7 +39,6 @@ from transformers import get_cosine_schedule_with_warmup
 from fm.config import TrainConfig
 from fm.data.collator import pad_multiple
 from fm.early_stopping import EarlyStopping
-from fm.paths import remove_stale_temp_files, respect_umask
 from fm.precision import resolve_mixed_precision
 from fm.progress import progress_enabled
 from fm.train_state import (CHECKPOINTS, EXIT_PREEMPTED, STATE_FILE, StopSignal, append_history, latest_checkpoint,
@@ -435,10 +434,7 @@ def train(model: torch.nn.Module, dataset, collator, cfg: TrainConfig, eval_data
         # collective: every rank must call it (ZeRO-3 gathers the shards); non-main ranks get None
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            if export_dir.is_dir() and (stale := remove_stale_temp_files(export_dir)):
-                log.info("removed %d temporary file(s) an interrupted export left in %s", len(stale), export_dir)
             export(accelerator.unwrap_model(model), stopper.weights or state_dict, export_dir)
-            respect_umask(export_dir)
     accelerator.wait_for_everyone()
     return TrainResult(step, history, export_dir, model=model, early_stopped=stopper.should_stop,
                        best_step=stopper.best_step, best_metric=stopper.best)

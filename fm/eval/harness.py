@@ -215,8 +215,6 @@ def run_suite(suite_path, profile: str = "cpu", models=(), output_dir="runs/eval
                 try:
                     found = run_task(module, dataset, methods, seed, ctx, bar)
                 except Exception as e:  # noqa: BLE001 — any failure of one dataset must not lose the others
-                    if isinstance(e, KeyboardInterrupt):
-                        raise
                     failures.append({"dataset": dataset["name"], "seed": seed, "error": f"{type(e).__name__}: {e}"})
                     log.error("%s: dataset %s, seed %d FAILED (%s: %s); continuing with the others", suite["task"],
                               dataset["name"], seed, type(e).__name__, e)
